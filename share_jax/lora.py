@@ -1,0 +1,87 @@
+"""LoRA factors in Flax's kernel layout and LoRA trees that mirror a parameter tree."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from share_jax.errors import ShareError
+from share_jax.paths import Target, as_predicate, flatten_with_paths
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+  """A low-rank update of a kernel of shape (d_in, d_out).
+
+  ``a``: (d_in, r), ``b``: (r, d_out); ΔW = a @ b · (alpha / r if alpha is given, else 1).
+  """
+
+  a: jax.Array
+  b: jax.Array
+  alpha: float | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+  @property
+  def rank(self) -> int:
+    return self.a.shape[-1]
+
+  @property
+  def scale(self) -> float:
+    return 1.0 if self.alpha is None else self.alpha / self.rank
+
+  def delta(self) -> jax.Array:
+    """ΔW, (d_in, d_out)."""
+    return (self.a @ self.b) * self.scale
+
+
+def is_lora(x: Any) -> bool:
+  return isinstance(x, LoRA)
+
+
+def lora_leaves(tree: Any) -> dict[str, LoRA]:
+  """``{kernel path: LoRA}`` of a LoRA tree; any non-LoRA leaf is an error."""
+  leaves = flatten_with_paths(tree, is_leaf=is_lora)
+  for path, leaf in leaves.items():
+    if not is_lora(leaf):
+      raise ShareError(f"LoRA tree has a non-LoRA leaf at {path!r} ({type(leaf).__name__})")
+  return leaves
+
+
+def select_kernels(params: Any, target: Target) -> dict[str, jax.Array]:
+  """The 2-D leaves of ``params`` whose joined path ``target`` selects."""
+  pred = as_predicate(target)
+  chosen = {p: x for p, x in flatten_with_paths(params).items() if jnp.ndim(x) == 2 and pred(p, x)}
+  if not chosen:
+    raise ShareError(f"target {target!r} selects no 2-D kernel of the parameter tree")
+  return chosen
+
+
+def nest(leaves: dict[str, Any]) -> dict:
+  """A nested dict holding ``leaves`` at their joined paths (other paths simply absent)."""
+  out: dict = {}
+  for path, leaf in leaves.items():
+    node = out
+    *parents, last = path.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = leaf
+  return out
+
+
+def init_lora_tree(
+    params: Any, target: Target, *, rank: int, rng: jax.Array, alpha: float | None = None
+) -> dict:
+  """A trainable LoRA tree for the kernels ``target`` selects: ``a`` ~ N(0, 1/d_in), ``b`` = 0."""
+  if rank < 1:
+    raise ShareError(f"rank must be >= 1, got {rank}")
+  kernels = select_kernels(params, target)
+  keys = jax.random.split(rng, len(kernels))
+  leaves = {}
+  for key, (path, w) in zip(keys, kernels.items(), strict=True):
+    d_in, d_out = w.shape
+    a = jax.random.normal(key, (d_in, rank), jnp.float32) / jnp.sqrt(d_in)
+    leaves[path] = LoRA(a.astype(w.dtype), jnp.zeros((rank, d_out), w.dtype), alpha)
+  return nest(leaves)
