@@ -1,1 +1,36 @@
-"""share_jax."""
+"""share_jax: continual learning through one shared low-rank LoRA subspace (Share), in JAX."""
+
+from share_jax.core import (
+  absorb,
+  apply_factors,
+  init_subspace,
+  project,
+  reconstruct,
+  task_params,
+)
+from share_jax.errors import ShareError, UnknownTaskError
+from share_jax.lora import LoRA, init_lora_tree, lora_leaves
+from share_jax.storage import Storage, storage
+from share_jax.subspace import FactorGroup, Layout, Subspace, SubspaceConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "FactorGroup",
+  "Layout",
+  "LoRA",
+  "ShareError",
+  "Subspace",
+  "Storage",
+  "SubspaceConfig",
+  "UnknownTaskError",
+  "absorb",
+  "apply_factors",
+  "init_lora_tree",
+  "init_subspace",
+  "lora_leaves",
+  "project",
+  "reconstruct",
+  "storage",
+  "task_params",
+]

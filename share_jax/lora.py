@@ -72,7 +72,7 @@ def nest(leaves: dict[str, Any]) -> dict:
 
 
 def init_lora_tree(
-    params: Any, target: Target, *, rank: int, rng: jax.Array, alpha: float | None = None
+  params: Any, target: Target, *, rank: int, rng: jax.Array, alpha: float | None = None
 ) -> dict:
   """A trainable LoRA tree for the kernels ``target`` selects: ``a`` ~ N(0, 1/d_in), ``b`` = 0."""
   if rank < 1:
