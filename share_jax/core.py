@@ -164,12 +164,13 @@ def _grow(group: FactorGroup, t_cap: int, p_cap: int) -> FactorGroup:
   return group.replace(coef=coef, ncols=jnp.pad(group.ncols, ((0, t_cap - t), (0, 0))))
 
 
-def _empty_group(d: int, n: int) -> FactorGroup:
+def _empty_group(d: int, n: int, t_cap: int) -> FactorGroup:
   return FactorGroup(
     basis=jnp.zeros((n, d, 0), jnp.float32),
     rank=jnp.zeros((n,), jnp.int32),
-    coef=jnp.zeros((1, n, 0, 1), jnp.float32),
-    ncols=jnp.zeros((1, n), jnp.int32),
+    coef=jnp.zeros((t_cap, n, 0, 1), jnp.float32),
+    ncols=jnp.zeros((t_cap, n), jnp.int32),
+    scatter=jnp.zeros((n, 0, 0), jnp.float32),
     energy=jnp.ones((n,), jnp.float32),
   )
 
@@ -214,6 +215,7 @@ def init_subspace(
   max_k: int | None = None,
   center: bool = True,
   task_ids: Sequence[Hashable] | None = None,
+  task_capacity: int = 1,
 ) -> Subspace:
   """A subspace from existing LoRAs: per kernel and side, the top singular vectors of the
   (mean-centred) stack of all factors, and every task projected onto them.
@@ -223,6 +225,8 @@ def init_subspace(
     loras: LoRA trees (a sequence, or a mapping task id → tree); ranks may differ.
     k: keep exactly k columns per side (capped by ``max_k`` and d); else ``explained_variance``.
     task_ids: ids for a sequence of trees (default 0, 1, …).
+    task_capacity: tasks to reserve room for; merges recompile only when the task count passes a
+      power of two above it.
   """
   config = SubspaceConfig(explained_variance, k, max_k, center)
   if task_ids is None and not isinstance(loras, Mapping):
@@ -231,7 +235,7 @@ def init_subspace(
   layout = _layout_from_params(params, tasks)
   _check_tasks(layout, tasks)
   empty = Subspace(
-    groups={g: _empty_group(d, n) for g, (d, n) in layout.groups.items()},
+    groups={g: _empty_group(d, n, bucket(task_capacity)) for g, (d, n) in layout.groups.items()},
     heads={},
     layout=layout,
     task_ids=(),

@@ -1,10 +1,15 @@
 """The jitted per-group merge: new bases from old tasks plus new factor columns, in the small span.
 
 Every column of the stack [β ε_1, …, β ε_T, X_new] lies in span([β, X_new]). One reduced QR
-[β, X_new] = Q R gives coordinates: old tasks R_β ε_i, new columns Y = R_X. The centred Gram of
-all coordinates, C = R_β G R_βᵀ + Y Yᵀ − s sᵀ / N with G = Σ_i ε_i ε_iᵀ and s the column sum, is
-(K + M) × (K + M) whatever the number of tasks; its top eigenvectors V give the new basis Q V and
-every task's new coefficients Vᵀ R_β ε_i. The d × (T r) stack and any d × d matrix are never formed.
+[β, X_new] = Q R gives coordinates: old tasks R_β ε_i, new columns Y = R_X. The group keeps a
+factor S of the old coefficients' scatter (S Sᵀ = Σ (ε − μ)(ε − μ)ᵀ), so the centred stack has
+the same left singular vectors as the small matrix (as in sklearn's IncrementalPCA)
+
+    F = [R_β S,  Y − μ_new,  √(N_old N_new / N) (R_β μ_old − μ_new)]      ((K + M) × (K + M + 1))
+
+whatever the number of tasks. Its SVD F = U Σ Vᵀ gives the new basis Q U_k, every task's new
+coefficients U_kᵀ R_β ε_i, and the new scatter factor Σ_k. The d × (T r) stack, any d × d matrix
+and any Gram of the task stack are never formed.
 """
 
 from __future__ import annotations
@@ -31,20 +36,18 @@ class Rule(NamedTuple):
 
 
 def mm(spec: str, *args: jax.Array) -> jax.Array:
-  """``jnp.einsum`` at full float32 precision (TPU/TF32 defaults would ruin Gram matrices)."""
+  """``jnp.einsum`` at full float32 precision (TPU/TF32 defaults would ruin the merge)."""
   return jnp.einsum(spec, *args, precision=HIGHEST)
 
 
-def choose_k(lam: jax.Array, rule: Rule) -> tuple[jax.Array, jax.Array]:
-  """(k wanted by the rule, cumulative energies) for eigenvalues ``lam`` sorted descending.
+def choose_k(sigma: jax.Array, rule: Rule, size: int) -> tuple[jax.Array, jax.Array]:
+  """(k wanted by the rule, cumulative energies) for singular values sorted descending.
 
-  Eigenvalues below float32 round-off (10 n eps λ_max) count as zero, so that with
+  Singular values below float32 round-off (size · eps · σ_max) count as zero, so that with
   ``explained_variance=1`` k is the numerical rank.
   """
-  n = lam.shape[0]
-  lam = jnp.maximum(lam, 0.0)
-  lam = jnp.where(lam > 10 * n * _EPS32 * lam[0], lam, 0.0)
-  cum = jnp.cumsum(lam)
+  sigma = jnp.where(sigma > size * _EPS32 * sigma[0], sigma, 0.0)
+  cum = jnp.cumsum(sigma**2)
   if rule.k is not None:
     want = jnp.asarray(min(rule.k, rule.limit), jnp.int32)
   else:
@@ -60,34 +63,43 @@ def svd_flip_columns(u: jax.Array) -> jax.Array:
   return jnp.where(s == 0, 1.0, s)
 
 
-def _merge_one(basis, coef, ncols, x, new_ncols, *, k_out: int, rule: Rule):
+def _small_factor(r_old, scatter, coef, ncols, y, y_valid, center: bool) -> jax.Array:
+  """F, whose left singular vectors are those of the (centred) stack of all columns."""
+  if not center:
+    return jnp.concatenate([mm("nk,kj->nj", r_old, scatter), y], axis=1)
+  n_old = jnp.sum(ncols).astype(jnp.float32)
+  n_new = jnp.sum(y_valid).astype(jnp.float32)
+  mu_old = jnp.sum(coef, axis=(0, 2)) / jnp.maximum(n_old, 1.0)
+  mu_new = jnp.sum(y, axis=1) / jnp.maximum(n_new, 1.0)
+  y_c = (y - mu_new[:, None]) * y_valid
+  corr = jnp.sqrt(n_old * n_new / jnp.maximum(n_old + n_new, 1.0)) * (r_old @ mu_old - mu_new)
+  return jnp.concatenate([mm("nk,kj->nj", r_old, scatter), y_c, corr[:, None]], axis=1)
+
+
+def _merge_one(basis, scatter, coef, ncols, x, x_ncols, *, k_out: int, rule: Rule):
   """One (kernel, side) slot. basis (d, K), coef (T, K, P), x (m, d, P) → see ``merge_group``."""
   d, k_in = basis.shape
   m, _, p = x.shape
   cols = jnp.transpose(x, (1, 0, 2)).reshape(d, m * p)
+  y_valid = (jnp.arange(p)[None, :] < x_ncols[:, None]).reshape(m * p)
   q, r = jnp.linalg.qr(jnp.concatenate([basis, cols], axis=1), mode="reduced")
   r_old, y = r[:, :k_in], r[:, k_in:]
-  gram = mm("tkp,tjp->kj", coef, coef)
-  c = mm("ik,jk->ij", mm("ik,kl->il", r_old, gram), r_old) + mm("ip,jp->ij", y, y)
-  if rule.center:
-    count = jnp.maximum(jnp.sum(ncols) + jnp.sum(new_ncols), 1).astype(jnp.float32)
-    s = mm("ik,k->i", r_old, jnp.sum(coef, axis=(0, 2))) + jnp.sum(y, axis=1)
-    c = c - jnp.outer(s, s) / count
-  lam, v = jnp.linalg.eigh(0.5 * (c + c.T))
-  lam, v = lam[::-1], v[:, ::-1]
-  want, cum = choose_k(lam, rule)
-  n = v.shape[1]
+  f = _small_factor(r_old, scatter, coef, ncols, y, y_valid, rule.center)
+  u, sigma, _ = jnp.linalg.svd(f, full_matrices=False)
+  want, cum = choose_k(sigma, rule, max(f.shape))
+  n = u.shape[1]
   k_sel = jnp.minimum(want, min(k_out, n))
-  v = jnp.pad(v, ((0, 0), (0, max(k_out - n, 0))))[:, :k_out]
-  v = v * (jnp.arange(k_out) < k_sel)
-  u = mm("dn,nk->dk", q, v)
-  flip = svd_flip_columns(u)
-  u, v = u * flip, v * flip
-  new_coef = mm("nk,nj,tjp->tkp", v, r_old, coef)
-  x_coef = mm("nk,nq->kq", v, y).reshape(k_out, m, p).transpose(1, 0, 2)
+  keep = jnp.arange(k_out) < k_sel
+  u = jnp.pad(u, ((0, 0), (0, max(k_out - n, 0))))[:, :k_out] * keep
+  sigma = jnp.pad(sigma, (0, max(k_out - n, 0)))[:k_out] * keep
+  new_basis = mm("dn,nk->dk", q, u)
+  flip = svd_flip_columns(new_basis)
+  new_basis, u = new_basis * flip, u * flip
+  new_coef = mm("nk,nj,tjp->tkp", u, r_old, coef)
+  x_coef = mm("nk,nq->kq", u, y).reshape(k_out, m, p).transpose(1, 0, 2)
   total = cum[-1]
   energy = jnp.where(total > 0, cum[k_sel - 1] / jnp.where(total > 0, total, 1.0), 1.0)
-  return u, k_sel, new_coef, x_coef, energy, want
+  return new_basis, k_sel, new_coef, x_coef, jnp.diag(sigma), energy, want
 
 
 @functools.partial(jax.jit, static_argnames=("k_out", "rule"))
@@ -106,14 +118,31 @@ def merge_group(
     The new group (capacity K = ``k_out``) and the k each slot's rule wanted (L,), so a caller can
     grow the capacity and merge again when it is too small.
   """
-  x = x.astype(jnp.float32)
   merge = functools.partial(_merge_one, k_out=k_out, rule=rule)
-  u, rank, coef, x_coef, energy, want = jax.vmap(
-    merge, in_axes=(0, 1, 1, 1, 1), out_axes=(0, 0, 1, 1, 0, 0)
-  )(group.basis, group.coef, group.ncols, x, x_ncols)
+  basis, rank, coef, x_coef, scatter, energy, want = jax.vmap(
+    merge, in_axes=(0, 0, 1, 1, 1, 1), out_axes=(0, 0, 1, 1, 0, 0, 0)
+  )(group.basis, group.scatter, group.coef, group.ncols, x.astype(jnp.float32), x_ncols)
   coef = jax.lax.dynamic_update_slice_in_dim(coef, x_coef, start, axis=0)
   ncols = jax.lax.dynamic_update_slice_in_dim(group.ncols, x_ncols.astype(jnp.int32), start, axis=0)
-  return FactorGroup(u, rank, coef, ncols, energy), want
+  return FactorGroup(basis, rank, coef, ncols, scatter, energy), want
+
+
+@functools.partial(jax.jit, static_argnames=("center",))
+def scatter_factor(coef: jax.Array, ncols: jax.Array, *, center: bool) -> jax.Array:
+  """S with S Sᵀ = the (centred) scatter of all stored coefficient columns.
+
+  (T, L, K, P) coefficients, (T, L) column counts → (L, K, K).
+
+  Needed after coefficients change outside a merge (fine-tuning); the Gram route loses directions
+  below ~1e-7 of the largest, which only fine-tuned (hence perturbed) coefficients can have.
+  """
+  gram = mm("tlkp,tljp->lkj", coef, coef)
+  if center:
+    n = jnp.maximum(jnp.sum(ncols, axis=0), 1).astype(jnp.float32)
+    s = jnp.sum(coef, axis=(0, 3))
+    gram = gram - s[:, :, None] * s[:, None, :] / n[:, None, None]
+  lam, v = jnp.linalg.eigh(0.5 * (gram + jnp.swapaxes(gram, 1, 2)))
+  return v * jnp.sqrt(jnp.maximum(lam, 0.0))[:, None, :]
 
 
 @jax.jit

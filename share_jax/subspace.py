@@ -9,6 +9,8 @@ Shapes are capacity buffers:
 - ``coef``:  (T, L, K, P) coefficients of every task (rows beyond ``rank``, columns beyond
   ``ncols`` and tasks beyond the registry are zero);
 - ``ncols``: (T, L) the number of factor columns (the LoRA rank or pseudo-rank p) of each task;
+- ``scatter``: (L, K, K) a factor S with S Sᵀ = the scatter of all stored coefficient columns
+  (about their mean when the config centres), so a merge never re-decomposes the task stack;
 - ``energy``: (L,) the fraction of (centred) energy the bases kept at the last decomposition.
 
 K, T and P grow in power-of-two buckets, so adding the 2nd or the 200th task reuses compiled code.
@@ -107,6 +109,7 @@ class FactorGroup:
   rank: jax.Array  # (L,) int32
   coef: jax.Array  # (T, L, K, P)
   ncols: jax.Array  # (T, L) int32
+  scatter: jax.Array  # (L, K, K)
   energy: jax.Array  # (L,)
 
   @property

@@ -1,0 +1,205 @@
+"""Core numerics against float64 NumPy references: init, absorb, project, reconstruct, apply."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpy_reference import (
+  Planted,
+  active_basis,
+  basis_ref,
+  projector_distance,
+  rel_err,
+  side_columns,
+  task_columns,
+)
+
+import share_jax as sj
+from share_jax import core, merge
+from share_jax.subspace import SIDES
+
+
+def stack(loras, path, side):
+  return np.concatenate([side_columns(sj.lora_leaves(t)[path], side) for t in loras], axis=1)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_init_matches_explicit_stack_svd(center):
+  pl = Planted(seed=1)
+  loras = pl.loras(5, rank=3) + pl.loras(2, rank=2)  # mixed ranks in one call
+  sub = sj.init_subspace(pl.params, loras, k=4, center=center)
+  for path in pl.shapes:
+    for side in SIDES:
+      x = stack(loras, path, side)
+      u_ref, k, _ = basis_ref(x, center=center, k=4)
+      u = active_basis(sub, path, side)
+      assert u.shape[1] == k
+      np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-5)
+      assert projector_distance(u, u_ref) < 1e-4
+      for i, lora in enumerate(loras):  # coefficients = uncentred projection βᵀ X
+        cols = side_columns(sj.lora_leaves(lora)[path], side)
+        assert rel_err(task_columns(sub, i, path, side), u_ref @ (u_ref.T @ cols)) < 1e-4
+
+
+def test_explained_variance_chooses_the_reference_k():
+  pl = Planted(seed=2, hidden=6, noise=0.02)
+  loras = pl.loras(6, rank=4)
+  path = "enc/l0/value/kernel"
+  _, _, lam = basis_ref(stack(loras, path, "a"), center=True)
+  cum = np.cumsum(lam) / lam.sum()
+  ev = float((cum[2] + cum[3]) / 2)  # midway between two steps: k = 4 without ambiguity
+  sub = sj.init_subspace(pl.params, loras, explained_variance=ev)
+  assert sub.ranks()[(path, "a")] == 4
+  for (p, side), k in sub.ranks().items():
+    _, k_ref, _ = basis_ref(stack(loras, p, side), center=True, ev=ev)
+    assert abs(k - k_ref) <= 1 if np.isclose(ev, 0) else k == k_ref
+
+
+def test_uncentred_full_variance_reconstructs_every_task_exactly():
+  pl = Planted(seed=3)
+  loras = pl.loras(4, rank=3, alpha=6.0) + [pl.lora_tree(5, alpha=10.0)]
+  sub = sj.init_subspace(pl.params, loras, explained_variance=1.0, center=False)
+  for i, lora in enumerate(loras):
+    rec = sj.lora_leaves(sj.reconstruct(sub, i))
+    for path, orig in sj.lora_leaves(lora).items():
+      assert rec[path].rank == orig.rank
+      assert rel_err(rec[path].delta(), orig.delta()) < 1e-5
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_absorb_equals_explicit_stack_of_reconstructions(center):
+  pl = Planted(seed=4)
+  sub = sj.init_subspace(pl.params, pl.loras(6, rank=3), k=5, center=center)
+  new = pl.loras(3, rank=4)
+  out = sj.absorb(sub, new, task_ids=["x", "y", "z"])
+  assert out.task_ids == (0, 1, 2, 3, 4, 5, "x", "y", "z")
+  for path in pl.shapes:
+    for side in SIDES:
+      old = [task_columns(sub, t, path, side) for t in sub.task_ids]
+      x = np.concatenate(old + [stack(new, path, side)], axis=1)
+      u_ref, _, _ = basis_ref(x, center=center, k=5)
+      assert projector_distance(active_basis(out, path, side), u_ref) < 1e-4
+      for t, cols in zip(out.task_ids, old + [stack([n], path, side) for n in new], strict=True):
+        assert rel_err(task_columns(out, t, path, side), u_ref @ (u_ref.T @ cols)) < 1e-4
+
+
+def test_absorb_leaves_the_input_state_untouched():
+  pl = Planted(seed=5)
+  sub = sj.init_subspace(pl.params, pl.loras(3), k=4)
+  before = jax.tree.map(np.array, sub)
+  sj.absorb(sub, pl.loras(1), task_ids=["new"])
+  chex.assert_trees_all_equal(before, jax.tree.map(np.array, sub))
+  assert sub.task_ids == (0, 1, 2)
+
+
+def test_signs_are_deterministic_and_follow_svd_flip():
+  pl = Planted(seed=6)
+  loras = pl.loras(4)
+  s1 = sj.init_subspace(pl.params, loras, k=4)
+  s2 = sj.init_subspace(pl.params, loras, k=4)
+  chex.assert_trees_all_equal(s1.groups, s2.groups)
+  for grp in s1.groups.values():
+    b = np.asarray(grp.basis)
+    for row in range(b.shape[0]):
+      cols = b[row, :, : int(grp.rank[row])]
+      assert np.all(cols[np.abs(cols).argmax(axis=0), np.arange(cols.shape[1])] > 0)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_stored_scatter_matches_the_coefficients(center):
+  pl = Planted(seed=13)
+  sub = sj.init_subspace(pl.params, pl.loras(4), explained_variance=0.9, center=center)
+  sub = sj.absorb(sub, pl.loras(3, rank=2), task_ids=["a", "b", "c"])
+  for grp in sub.groups.values():
+    s = np.asarray(grp.scatter, np.float64)
+    want = np.asarray(merge.scatter_factor(grp.coef, grp.ncols, center=center), np.float64)
+    for row in range(s.shape[0]):
+      got_gram, want_gram = s[row] @ s[row].T, want[row] @ want[row].T
+      np.testing.assert_allclose(got_gram, want_gram, atol=1e-4 * np.abs(want_gram).max())
+
+
+def test_project_is_basis_transpose_times_factors():
+  pl = Planted(seed=7)
+  sub = sj.init_subspace(pl.params, pl.loras(5), k=4)
+  lora = pl.lora_tree(2, alpha=4.0)
+  coefs = sj.project(sub, lora)
+  for (path, side), (g, row) in sub.layout.slots.items():
+    u = np.asarray(sub.groups[g].basis[row], np.float64)
+    want = u.T @ side_columns(sj.lora_leaves(lora)[path], side)
+    np.testing.assert_allclose(np.asarray(coefs[g][row]), want, atol=1e-5)
+
+
+def test_task_params_adds_delta_and_keeps_dtype_and_other_leaves():
+  pl = Planted(seed=8)
+  loras = pl.loras(3, alpha=2.0)
+  sub = sj.init_subspace(pl.params, loras, explained_variance=1.0, center=False)
+  params = jax.tree.map(lambda x: jnp.asarray(x + 1.0, jnp.bfloat16), pl.params)
+  out = sj.task_params(params, sub, 2)
+  assert jax.tree.structure(out) == jax.tree.structure(params)
+  flat_in, flat_out = sj.paths.flatten_with_paths(params), sj.paths.flatten_with_paths(out)
+  for path, w in flat_out.items():
+    assert w.dtype == jnp.bfloat16
+    if path in pl.shapes:
+      delta = np.asarray(sj.lora_leaves(loras[2])[path].delta(), np.float64)
+      got = np.asarray(w, np.float64) - np.asarray(flat_in[path], np.float64)
+      np.testing.assert_allclose(got, delta, atol=0.05 * np.abs(delta).max())
+    else:
+      chex.assert_trees_all_equal(w, flat_in[path])
+
+
+def test_bf16_loras_are_upcast():
+  pl = Planted(seed=9)
+  loras16 = [jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), t) for t in pl.loras(3)]
+  sub = sj.init_subspace(pl.params, loras16, explained_variance=1.0, center=False)
+  assert all(g.basis.dtype == jnp.float32 for g in sub.groups.values())
+  rec = sj.lora_leaves(sj.reconstruct(sub, 1))
+  for path, orig in sj.lora_leaves(loras16[1]).items():
+    want = np.asarray(orig.a, np.float64) @ np.asarray(orig.b, np.float64)
+    assert rel_err(rec[path].delta(), want) < 1e-5
+
+
+def test_adding_tasks_does_not_recompile_merge_projection_or_apply(monkeypatch):
+  pl = Planted(seed=10)
+  sub = sj.init_subspace(pl.params, pl.loras(2), k=4, task_capacity=64)
+  sub = sj.absorb(sub, pl.loras(1), task_ids=["warm"])  # first absorb: K becomes the fixed k
+  chex.clear_trace_counter()
+  n_groups = len(sub.groups)  # one compiled merge per group shape, then never again
+  traced = jax.jit(
+    chex.assert_max_traces(merge.merge_group.__wrapped__, n=n_groups),
+    static_argnames=("k_out", "rule"),
+  )
+  monkeypatch.setattr(core, "merge_group", traced)
+  apply_traced = jax.jit(
+    chex.assert_max_traces(core._task_params.__wrapped__, n=1), static_argnames=("layout",)
+  )
+  monkeypatch.setattr(core, "_task_params", apply_traced)
+  for t in range(2, 40):
+    sub = sj.absorb(sub, pl.loras(1), task_ids=[f"t{t}"])
+    sj.task_params(pl.params, sub, f"t{t}")
+    sj.task_params(pl.params, sub, 0)
+  assert sub.num_tasks == 41
+
+
+def test_task_capacity_grows_in_power_of_two_buckets():
+  pl = Planted(seed=11)
+  sub = sj.init_subspace(pl.params, pl.loras(3), k=4)
+  caps = set()
+  for t in range(20):
+    sub = sj.absorb(sub, pl.loras(1), task_ids=[f"t{t}"])
+    caps.add(next(iter(sub.groups.values())).capacity[1])
+  assert caps == {4, 8, 16, 32}  # 4 → 23 tasks: three doublings, no other size
+
+
+def test_storage_counts_coefficients_bases_and_loras():
+  pl = Planted(seed=12)
+  sub = sj.init_subspace(pl.params, pl.loras(4, rank=3), k=5)
+  sub = sub.with_head(0, {"w": jnp.zeros((24, 3)), "b": jnp.zeros(3)})
+  st = sj.storage(sub)
+  n_kernels = len(pl.shapes)
+  assert st.task_params[1] == n_kernels * 2 * 5 * 3
+  assert st.lora_params[1] == sum((i + o) * 3 for i, o in pl.shapes.values())
+  assert st.basis_params == sum((i + o) * 5 for i, o in pl.shapes.values())
+  assert st.head_params == {0: 75, 1: 0, 2: 0, 3: 0}
+  assert st.share_total == st.basis_params + 4 * n_kernels * 30 + 75
+  assert st.ratio_per_task == pytest.approx(st.lora_params[1] / st.task_params[1])
