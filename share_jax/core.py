@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from share_jax.errors import ShareError
-from share_jax.lora import LoRA, lora_leaves, nest
+from share_jax.lora import LoRA, lora_leaves, nest, select_kernels
 from share_jax.merge import Rule, merge_group, mm, project_group, side_factors
-from share_jax.paths import flatten_with_paths, join_path
+from share_jax.paths import Target, flatten_with_paths, join_path
 from share_jax.subspace import (
   SIDES,
   FactorGroup,
@@ -164,6 +164,33 @@ def _grow(group: FactorGroup, t_cap: int, p_cap: int) -> FactorGroup:
   return group.replace(coef=coef, ncols=jnp.pad(group.ncols, ((0, t_cap - t), (0, 0))))
 
 
+def empty_like(layout: Layout, config: SubspaceConfig, task_capacity: int = 1) -> Subspace:
+  """A subspace with no task and empty bases (k = 0) over ``layout``."""
+  groups = {g: _empty_group(d, n, bucket(task_capacity)) for g, (d, n) in layout.groups.items()}
+  return Subspace(groups=groups, heads={}, layout=layout, task_ids=(), config=config)
+
+
+def empty_subspace(
+  params: Any,
+  target: Target,
+  *,
+  k: int | None = None,
+  explained_variance: float = 0.6,
+  max_k: int | None = None,
+  center: bool = True,
+  task_capacity: int = 1,
+) -> Subspace:
+  """A subspace with no task yet over the kernels ``target`` selects (a regex on the joined key
+  path, or a predicate): the cold start, where the first task trains from its data directly."""
+  config = SubspaceConfig(explained_variance, k, max_k, center)
+  kernels = select_kernels(params, target)
+  specs = tuple(
+    KernelSpec(p, tuple(int(s) for s in w.shape), str(jnp.asarray(w).dtype))
+    for p, w in sorted(kernels.items())
+  )
+  return empty_like(Layout(specs), config, task_capacity)
+
+
 def _empty_group(d: int, n: int, t_cap: int) -> FactorGroup:
   return FactorGroup(
     basis=jnp.zeros((n, d, 0), jnp.float32),
@@ -178,24 +205,31 @@ def _empty_group(d: int, n: int, t_cap: int) -> FactorGroup:
 # ----------------------------------------------------------------------------- merge
 
 
-def _merge(
-  subspace: Subspace, tasks: list[tuple[Hashable, dict]], config: SubspaceConfig
+def merge_columns(
+  subspace: Subspace,
+  task_ids: Sequence[Hashable],
+  columns: Mapping[str, tuple[Any, Any]],
+  config: SubspaceConfig | None = None,
 ) -> Subspace:
-  ids = [t for t, _ in tasks]
-  leaves = [lv for _, lv in tasks]
-  t0 = subspace.num_tasks
-  m_cap = bucket(len(tasks))
-  r_max = max(lora.rank for lv in leaves for lora in lv.values())
+  """Fold new tasks, given as factor columns ``{group: (x (m, L, d, p), ncols (m, L))}``, into the
+  bases; every stored task is re-projected. Callers validate ids and shapes."""
+  config = config or subspace.config
+  t0, m = subspace.num_tasks, len(task_ids)
+  m_cap = bucket(m)
   _, t_cur, p_cur = next(iter(subspace.groups.values())).capacity
-  t_cap, p_cap = max(t_cur, bucket(t0 + m_cap)), max(p_cur, bucket(r_max))
-  stacks = _stack(subspace.layout, leaves, m_cap, p_cap)
+  p_new = max(x.shape[-1] for x, _ in columns.values())
+  t_cap, p_cap = max(t_cur, bucket(t0 + m_cap)), max(p_cur, bucket(p_new))
   start = jnp.asarray(t0, jnp.int32)
   groups = {}
   for g, group in subspace.groups.items():
     d, _ = subspace.layout.groups[g]
     rule = Rule(float(config.explained_variance), config.k, config.limit(d), config.center)
     group = _grow(group, t_cap, p_cap)
-    x, ncols = (jnp.asarray(a) for a in stacks[g])
+    x, ncols = columns[g]
+    x = jnp.pad(
+      jnp.asarray(x, jnp.float32), ((0, m_cap - m), (0, 0), (0, 0), (0, p_cap - x.shape[-1]))
+    )
+    ncols = jnp.pad(jnp.asarray(ncols, jnp.int32), ((0, m_cap - m), (0, 0)))
     k_out = rule.limit if config.k is not None else max(group.capacity[0], min(rule.limit, _MIN_K))
     merged, want = merge_group(group, x, ncols, start, k_out=k_out, rule=rule)
     need = int(jnp.max(want))
@@ -203,7 +237,18 @@ def _merge(
       k_out = min(rule.limit, bucket(need))
       merged, _ = merge_group(group, x, ncols, start, k_out=k_out, rule=rule)
     groups[g] = merged
-  return subspace.replace(groups=groups, task_ids=subspace.task_ids + tuple(ids), config=config)
+  return subspace.replace(
+    groups=groups, task_ids=subspace.task_ids + tuple(task_ids), config=config
+  )
+
+
+def _merge(
+  subspace: Subspace, tasks: list[tuple[Hashable, dict]], config: SubspaceConfig
+) -> Subspace:
+  leaves = [lv for _, lv in tasks]
+  r_max = max(lora.rank for lv in leaves for lora in lv.values())
+  columns = _stack(subspace.layout, leaves, len(leaves), r_max)
+  return merge_columns(subspace, [t for t, _ in tasks], columns, config)
 
 
 def init_subspace(
@@ -234,14 +279,7 @@ def init_subspace(
   tasks = _as_tasks(loras, task_ids)
   layout = _layout_from_params(params, tasks)
   _check_tasks(layout, tasks)
-  empty = Subspace(
-    groups={g: _empty_group(d, n, bucket(task_capacity)) for g, (d, n) in layout.groups.items()},
-    heads={},
-    layout=layout,
-    task_ids=(),
-    config=config,
-  )
-  return _merge(empty, tasks, config)
+  return _merge(empty_like(layout, config, task_capacity), tasks, config)
 
 
 def absorb(

@@ -46,17 +46,16 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       builder=self,
       description=description,
       features=tfds.features.FeaturesDict(features),
-      supervised_keys=None,
       disable_shuffling=True,
     )
 
 
-def load(builder: LocalBuilder) -> dict[str, dict[str, np.ndarray]]:
+def load(builder: LocalBuilder) -> dict[str, dict[str, np.ndarray | list[str]]]:
   """``{split: {feature: column}}`` of the whole dataset, prepared first if needed.
 
   Text columns are lists of str, the other columns numpy arrays.
   """
-  builder.download_and_prepare(download_dir=os.fspath(Path(builder.data_dir) / "downloads"))
+  builder.download_and_prepare()  # a no-op once prepared
   return {split: _columns(ds) for split, ds in builder.as_data_source().items()}
 
 

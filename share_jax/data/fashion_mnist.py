@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from share_jax.data.builder import LocalBuilder
-from share_jax.data.sources import FASHION_MNIST_DIR
+from share_jax.data.sources import FASHION_MNIST_DIR, require
 
 CLASS_NAMES = (
   "t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -52,12 +52,14 @@ class FashionMnistLocal(LocalBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     source = self.source
-    return {split: self._generate_examples(source, *files) for split, files in FILES.items()}
+    return {
+      split: self._generate_examples(*(require(source / f, self.name) for f in files))
+      for split, files in FILES.items()
+    }
 
-  def _generate_examples(self, source: Path, images_file: str, labels_file: str):
-    images = read_idx(source / images_file)
-    labels = read_idx(source / labels_file)
-    if images.shape[1:] != (28, 28) or len(images) != len(labels):
-      raise ValueError(f"{source}: images {images.shape} do not match labels {labels.shape}")
+  def _generate_examples(self, images_path: Path, labels_path: Path):
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+      raise ValueError(f"{images_path}: images {images.shape} do not match labels {labels.shape}")
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
       yield i, {"image": image, "label": int(label)}
