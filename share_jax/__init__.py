@@ -3,6 +3,7 @@
 from share_jax.core import (
   absorb,
   apply_factors,
+  empty_subspace,
   init_subspace,
   project,
   reconstruct,
@@ -12,6 +13,15 @@ from share_jax.errors import ShareError, UnknownTaskError
 from share_jax.lora import LoRA, init_lora_tree, lora_leaves
 from share_jax.storage import Storage, storage
 from share_jax.subspace import FactorGroup, Layout, Subspace, SubspaceConfig
+from share_jax.train import (
+  TaskState,
+  adapted_params,
+  begin_task,
+  finish_task,
+  make_train_step,
+  set_task,
+  task_state,
+)
 
 __version__ = "0.1.0"
 
@@ -24,7 +34,15 @@ __all__ = [
   "Storage",
   "SubspaceConfig",
   "UnknownTaskError",
+  "TaskState",
   "absorb",
+  "adapted_params",
+  "begin_task",
+  "empty_subspace",
+  "finish_task",
+  "make_train_step",
+  "set_task",
+  "task_state",
   "apply_factors",
   "init_lora_tree",
   "init_subspace",

@@ -133,6 +133,11 @@ class Subspace:
   def num_tasks(self) -> int:
     return len(self.task_ids)
 
+  @property
+  def bases(self) -> dict[str, jax.Array]:
+    """The shared bases, {group: (L, d, K)}."""
+    return {g: grp.basis for g, grp in self.groups.items()}
+
   def task_index(self, task_id: Hashable) -> int:
     try:
       return self.task_ids.index(task_id)

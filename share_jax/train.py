@@ -1,0 +1,195 @@
+"""Training a task in the shared subspace: trainable state, adapted params, the step, the merge.
+
+A new task trains, per adapted kernel and side, coefficients ε (K × p) on the frozen shared basis
+plus φ temporary factors T (d × φ) with their coefficients ε_T (φ × p) (paper §1.5): the side's
+factor columns are ``basis @ ε + T @ ε_T`` and ΔW = F_a F_bᵀ. ``finish_task`` folds the trained
+factor columns into the bases (what T learned survives) and re-projects every old task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from share_jax.core import apply_factors, check_params, merge_columns
+from share_jax.errors import ShareError
+from share_jax.merge import mm, scatter_factor, side_factors
+from share_jax.subspace import Layout, Subspace
+
+
+@flax.struct.dataclass
+class TaskState:
+  """The trainable state of one task; every leaf is trained.
+
+  coef: {group: (L, K, p)} coefficients on the shared bases.
+  temp: {group: (L, d, φ)} temporary factors; temp_coef: {group: (L, φ, p)}.
+  head: any pytree trained with the task (e.g. a classifier), or None.
+  """
+
+  coef: dict[str, jax.Array]
+  temp: dict[str, jax.Array]
+  temp_coef: dict[str, jax.Array]
+  head: Any = None
+
+
+def _side_rows(layout: Layout, side: str) -> dict[str, np.ndarray]:
+  """{group: (L,) bool} rows of each group that hold ``side``."""
+  rows = {g: np.zeros(n, bool) for g, (_, n) in layout.groups.items()}
+  for (_, s), (g, row) in layout.slots.items():
+    rows[g][row] = s == side
+  return rows
+
+
+def _temp_init(basis: jax.Array, rank: jax.Array, phi: int, rng: jax.Array) -> jax.Array:
+  """Top-φ active basis columns; random unit columns where the basis has fewer than φ."""
+  n, d, k = basis.shape
+  top = jnp.pad(basis, ((0, 0), (0, 0), (0, max(phi - k, 0))))[:, :, :phi]
+  rand = jax.random.normal(rng, (n, d, phi)) / jnp.sqrt(d)
+  active = jnp.arange(phi)[None, None, :] < rank[:, None, None]
+  return jnp.where(active, top, rand)
+
+
+def begin_task(
+  subspace: Subspace,
+  task_id: Hashable,
+  *,
+  rng: jax.Array,
+  p: int = 1,
+  phi: int = 2,
+  head: Any = None,
+  scale: float | None = None,
+) -> TaskState:
+  """The trainable state of a new task, with ΔW exactly zero but a non-zero gradient.
+
+  Side ``a`` starts with small random coefficients (std ``scale``, default 1/√(k + φ)), side
+  ``b`` with zeros, as LoRA does with its A and B. Temporary factors start as the top-φ basis
+  columns (random unit columns on a cold start with no basis).
+  """
+  if task_id in subspace.task_ids:
+    raise ShareError(f"duplicate task id {task_id!r}: the subspace already holds it")
+  if p < 1 or phi < 0:
+    raise ShareError(f"need p >= 1 and phi >= 0, got p={p}, phi={phi}")
+  a_rows = _side_rows(subspace.layout, "a")
+  coef, temp, temp_coef = {}, {}, {}
+  for g, grp in subspace.groups.items():
+    rng, k1, k2, k3 = jax.random.split(rng, 4)
+    n, _, k = grp.basis.shape
+    std = scale if scale is not None else 1.0 / np.sqrt(max(k, 1) + phi)
+    on_a = jnp.asarray(a_rows[g])[:, None, None]
+    active = jnp.arange(k)[None, :, None] < grp.rank[:, None, None]
+    coef[g] = jnp.where(on_a & active, std * jax.random.normal(k1, (n, k, p)), 0.0)
+    temp[g] = _temp_init(grp.basis, grp.rank, phi, k2)
+    temp_coef[g] = jnp.where(on_a, std * jax.random.normal(k3, (n, phi, p)), 0.0)
+  return TaskState(coef, temp, temp_coef, head)
+
+
+def trained_factors(bases: dict[str, jax.Array], trainable: TaskState) -> dict[str, jax.Array]:
+  """Factor columns of the task being trained, {group: (L, d, p)}, from bases {group: (L, d, K)}."""
+  return {
+    g: side_factors(basis, trainable.coef[g])
+    + mm("ldf,lfp->ldp", trainable.temp[g], trainable.temp_coef[g])
+    for g, basis in bases.items()
+  }
+
+
+def adapted_params(params: Any, subspace: Subspace, trainable: TaskState) -> Any:
+  """``params`` with W + ΔW of the task being trained (differentiable in ``trainable``)."""
+  check_params(params, subspace.layout)
+  return apply_factors(params, subspace.layout, trained_factors(subspace.bases, trainable))
+
+
+def make_train_step(
+  loss_fn: Callable[[Any, Any, Any], jax.Array], optimizer: optax.GradientTransformation, layout
+) -> Callable:
+  """A jitted step ``(trainable, opt_state, params, bases, batch) -> (trainable, opt_state, loss)``.
+
+  Only ``trainable`` is differentiated; params and bases (``subspace.bases``) are inputs, so the
+  step compiles once for every task of equal shapes. ``loss_fn(adapted_params, head, batch)``;
+  the optimizer state, ``optimizer.init(trainable)``, exists only for trainable leaves.
+  """
+
+  def objective(trainable, params, bases, batch):
+    adapted = apply_factors(params, layout, trained_factors(bases, trainable))
+    return loss_fn(adapted, trainable.head, batch)
+
+  @jax.jit
+  def step(trainable, opt_state, params, bases, batch):
+    loss, grads = jax.value_and_grad(objective)(trainable, params, bases, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  return step
+
+
+def finish_task(subspace: Subspace, trainable: TaskState, task_id: Hashable) -> Subspace:
+  """Merge the trained task: its factor columns (temporary factors included) are folded into
+  the bases, k is re-chosen, every old task is re-projected, and its head is stored."""
+  if task_id in subspace.task_ids:
+    raise ShareError(f"duplicate task id {task_id!r}: the subspace already holds it")
+  factors = trained_factors(subspace.bases, trainable)
+  for g, f in factors.items():
+    if not bool(jnp.all(jnp.isfinite(f))):
+      raise ShareError(f"task {task_id!r}: trained factors of group {g} contain NaN or Inf")
+  columns = {
+    g: (f[None], jnp.full((1, f.shape[0]), f.shape[-1], jnp.int32)) for g, f in factors.items()
+  }
+  out = merge_columns(subspace, [task_id], columns)
+  return out if trainable.head is None else out.with_head(task_id, trainable.head)
+
+
+def task_state(subspace: Subspace, task_id: Hashable) -> TaskState:
+  """A stored task as a trainable state (coefficients and head, no temporary factors): for the
+  fine-tune after a merge, or Share-full's fine-tune of old tasks."""
+  i = subspace.task_index(task_id)
+  coef, temp, temp_coef = {}, {}, {}
+  for g, grp in subspace.groups.items():
+    n, d, _ = grp.basis.shape
+    p = max(int(jnp.max(grp.ncols[i])), 1)
+    coef[g] = grp.coef[i, :, :, :p]
+    temp[g] = jnp.zeros((n, d, 0), jnp.float32)
+    temp_coef[g] = jnp.zeros((n, 0, p), jnp.float32)
+  return TaskState(coef, temp, temp_coef, subspace.heads.get(task_id))
+
+
+@jax.jit
+def _write(coef, index, value):
+  value = jnp.pad(value, ((0, 0), (0, 0), (0, coef.shape[-1] - value.shape[-1])))
+  return jax.lax.dynamic_update_index_in_dim(coef, value, index, axis=0)
+
+
+def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Subspace:
+  """Store fine-tuned coefficients (and head) of a task already held; bases are unchanged.
+
+  The trainable must carry no temporary factors (their span is not in the bases): merge with
+  ``finish_task`` first. The scatter statistics the next merge needs are refreshed.
+  """
+  i = subspace.task_index(task_id)
+  groups = {}
+  for g, grp in subspace.groups.items():
+    if trainable.temp[g].shape[-1]:
+      raise ShareError(f"task {task_id!r}: temporary factors must be merged (finish_task) first")
+    if trainable.coef[g].shape[:2] != grp.coef.shape[1:3]:
+      raise ShareError(
+        f"task {task_id!r}: coefficients {trainable.coef[g].shape} do not fit group {g} "
+        f"(L, K) = {grp.coef.shape[1:3]}"
+      )
+    coef = _write(grp.coef, jnp.asarray(i, jnp.int32), trainable.coef[g].astype(jnp.float32))
+    scatter = scatter_factor(coef, grp.ncols, center=subspace.config.center)
+    groups[g] = grp.replace(coef=coef, scatter=scatter)
+  out = subspace.replace(groups=groups)
+  return out if trainable.head is None else out.with_head(task_id, trainable.head)
+
+
+def optimizer_bytes(opt_state: Any) -> int:
+  """Bytes held by an optimizer state's arrays."""
+  return sum(
+    int(np.prod(x.shape)) * x.dtype.itemsize
+    for x in jax.tree.leaves(opt_state)
+    if hasattr(x, "dtype")
+  )

@@ -1,0 +1,182 @@
+"""Training in the subspace: zero-ΔW start, ε-only gradients, merges that keep what was learned."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from numpy_reference import Planted, rel_err
+
+import share_jax as sj
+from share_jax import merge, train
+from share_jax.paths import flatten_with_paths
+
+
+def regression_problem(seed=0, d_in=12, d_out=10, n=256):
+  """A linear layer W0 and data whose best update has low rank (mostly outside any basis)."""
+  rng = np.random.default_rng(seed)
+  w0 = rng.normal(size=(d_in, d_out)).astype(np.float32) / 4
+  target = (rng.normal(size=(d_in, 2)) @ rng.normal(size=(2, d_out))).astype(np.float32) / 2
+  x = rng.normal(size=(n, d_in)).astype(np.float32)
+  return {"dense": {"kernel": jnp.asarray(w0)}}, (jnp.asarray(x), jnp.asarray(x @ (w0 + target)))
+
+
+def mse(params, head, batch):
+  del head
+  x, y = batch
+  return jnp.mean((x @ params["dense"]["kernel"] - y) ** 2)
+
+
+def train_task(sub, params, batch, task_id, steps=300, seed=0, p=2, phi=2):
+  state = sj.begin_task(sub, task_id, rng=jax.random.key(seed), p=p, phi=phi)
+  opt = optax.adam(3e-2)
+  opt_state = opt.init(state)
+  step = sj.make_train_step(mse, opt, sub.layout)
+  for _ in range(steps):
+    state, opt_state, loss = step(state, opt_state, params, sub.bases, batch)
+  return state, float(loss)
+
+
+def test_begin_task_starts_at_zero_delta_with_nonzero_gradient():
+  pl = Planted(seed=0)
+  sub = sj.init_subspace(pl.params, pl.loras(4), k=4)
+  state = sj.begin_task(sub, "new", rng=jax.random.key(0), p=1, phi=2)
+  chex.assert_trees_all_equal(sj.adapted_params(pl.params, sub, state), pl.params)
+  x = jnp.ones((3, 24))
+
+  def loss(s):
+    p = sj.adapted_params(pl.params, sub, s)
+    return jnp.sum((x @ p["enc"]["l0"]["value"]["kernel"] - 1.0) ** 2)
+
+  grads = jax.grad(loss)(state)
+  assert float(jnp.abs(grads.coef["d24"]).max()) > 0
+  assert float(jnp.abs(grads.temp_coef["d24"]).max()) > 0
+
+
+def test_training_then_finish_task_keeps_what_was_learned():
+  params, batch = regression_problem()
+  rng = np.random.default_rng(1)
+  loras = [
+    {"dense": {"kernel": sj.LoRA(rng.normal(size=(12, 2)), rng.normal(size=(2, 10)))}}
+    for _ in range(3)
+  ]
+  sub = sj.init_subspace(params, loras, explained_variance=1.0, center=False)
+  start = float(mse(params, None, batch))
+  state, loss = train_task(sub, params, batch, "new")
+  assert loss < 0.05 * start
+  trained = sj.adapted_params(params, sub, state)
+  merged = sj.finish_task(sub, state, "new")
+  assert merged.task_ids == (0, 1, 2, "new")
+  got = sj.task_params(params, merged, "new")
+  assert (
+    rel_err(
+      got["dense"]["kernel"] - params["dense"]["kernel"],
+      trained["dense"]["kernel"] - params["dense"]["kernel"],
+    )
+    < 1e-4
+  )
+  for t in range(3):  # nothing dropped at explained_variance=1: old tasks are unchanged
+    old = sj.task_params(params, sub, t)["dense"]["kernel"]
+    assert rel_err(sj.task_params(params, merged, t)["dense"]["kernel"], old) < 1e-4
+
+
+def test_cold_start_trains_the_first_task_from_data():
+  params, batch = regression_problem(seed=2)
+  sub = sj.empty_subspace(params, r"kernel$", explained_variance=1.0, center=False)
+  assert sub.num_tasks == 0
+  state, loss = train_task(sub, params, batch, "first", p=2, phi=2, steps=400)
+  assert loss < 0.05 * float(mse(params, None, batch))
+  merged = sj.finish_task(sub, state, "first")
+  want = sj.adapted_params(params, sub, state)["dense"]["kernel"]
+  assert rel_err(sj.task_params(params, merged, "first")["dense"]["kernel"], want) < 1e-4
+
+
+def test_optimizer_state_exists_only_for_trainable_leaves():
+  pl = Planted(seed=3)
+  sub = sj.init_subspace(pl.params, pl.loras(3), k=4)
+  state = sj.begin_task(sub, "t", rng=jax.random.key(0), p=1, phi=2)
+  opt_state = optax.adam(1e-3).init(state)
+  n_train = sum(x.size for x in jax.tree.leaves(state))
+  n_opt = sum(x.size for x in jax.tree.leaves(opt_state))
+  assert n_opt == 2 * n_train + 1  # Adam's two moments + the step count
+  assert train.optimizer_bytes(opt_state) == 4 * n_opt
+
+
+def test_train_step_compiles_once_across_tasks(monkeypatch):
+  params, batch = regression_problem(seed=4)
+  sub = sj.empty_subspace(params, r"kernel$", k=4)
+  chex.clear_trace_counter()
+  real_jit = jax.jit
+  monkeypatch.setattr(train.jax, "jit", lambda f: real_jit(chex.assert_max_traces(f, n=1)))
+  opt = optax.adam(1e-2)
+  step = sj.make_train_step(mse, opt, sub.layout)
+  monkeypatch.setattr(train.jax, "jit", real_jit)
+  sub = sj.finish_task(sub, sj.begin_task(sub, 0, rng=jax.random.key(0)), 0)
+  for t in range(1, 6):
+    state = sj.begin_task(sub, t, rng=jax.random.key(t))
+    opt_state = opt.init(state)
+    for _ in range(3):
+      state, opt_state, _ = step(state, opt_state, params, sub.bases, batch)
+    sub = sj.finish_task(sub, state, t)
+  assert sub.num_tasks == 6
+
+
+def test_fine_tune_after_merge_with_task_state_and_set_task():
+  params, batch = regression_problem(seed=5)
+  sub = sj.empty_subspace(params, r"kernel$", explained_variance=0.9)
+  state, _ = train_task(sub, params, batch, "a", steps=200)
+  sub = sj.finish_task(sub, state, "a")
+  tuned = sj.task_state(sub, "a")
+  before = float(mse(sj.task_params(params, sub, "a"), None, batch))
+  opt = optax.adam(1e-2)
+  opt_state = opt.init(tuned)
+  step = sj.make_train_step(mse, opt, sub.layout)
+  for _ in range(100):
+    tuned, opt_state, _ = step(tuned, opt_state, params, sub.bases, batch)
+  sub2 = sj.set_task(sub, "a", tuned)
+  after = float(mse(sj.task_params(params, sub2, "a"), None, batch))
+  assert after <= before
+  for grp in sub2.groups.values():
+    want = merge.scatter_factor(grp.coef, grp.ncols, center=True)
+    np.testing.assert_allclose(
+      grp.scatter @ jnp.swapaxes(grp.scatter, 1, 2), want @ jnp.swapaxes(want, 1, 2), atol=1e-4
+    )
+  with pytest.raises(sj.ShareError, match="temporary factors"):
+    sj.set_task(sub, "a", sj.begin_task(sub, "b", rng=jax.random.key(0)))
+
+
+def test_heads_travel_with_the_task_and_are_counted():
+  params, batch = regression_problem(seed=6)
+  sub = sj.empty_subspace(params, r"kernel$", k=2)
+  state = sj.begin_task(sub, "t", rng=jax.random.key(0), head={"w": jnp.ones((10, 3))})
+  sub = sj.finish_task(sub, state, "t")
+  chex.assert_trees_all_equal(sub.heads["t"], {"w": jnp.ones((10, 3))})
+  assert sj.storage(sub).head_params["t"] == 30
+
+
+def test_linen_and_nnx_models_train_unchanged():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.Dense(8, name="hidden")(x)))
+
+  x = jnp.ones((4, 5))
+  linen_params = Net().init(jax.random.key(0), x)
+  nnx_model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+  graphdef, nnx_state = nnx.split(nnx_model)
+  cases = [
+    (linen_params, r"hidden/kernel$", lambda p: Net().apply(p, x)),
+    (nnx_state, r"kernel", lambda s: nnx.merge(graphdef, s)(x)),
+  ]
+  for params, target, forward in cases:
+    sub = sj.empty_subspace(params, target, k=2)
+    state = sj.begin_task(sub, 0, rng=jax.random.key(1))
+    grads = jax.grad(
+      lambda s, p=params, f=forward, sb=sub: jnp.sum(f(sj.adapted_params(p, sb, s)))
+    )(state)
+    assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+    adapted_paths = flatten_with_paths(sj.adapted_params(params, sub, state))
+    assert adapted_paths.keys() == flatten_with_paths(params).keys()
