@@ -1,0 +1,51 @@
+"""Saves a deterministic subspace per version until killed: ``python ckpt_worker.py CKPT``.
+
+``tests/test_checkpoint.py`` SIGKILLs it mid-save and checks every listed version against
+``subspace_for(version)``. Prints ``ready`` once, then each version number after its save returns.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+from share_jax.checkpoint import Checkpointer
+from share_jax.subspace import FactorGroup, KernelSpec, Layout, Subspace, SubspaceConfig
+
+MAX_TO_KEEP = 3
+D, KERNELS, K, T, P = 256, 4, 32, 8, 8  # about 1.5 MB of arrays per version
+
+
+def subspace_for(version: int) -> Subspace:
+  """A subspace whose every array and task id depends on ``version`` only."""
+  rng = np.random.default_rng(version)
+  layout = Layout(tuple(KernelSpec(f"layer_{i}/kernel", (D, D), "float32") for i in range(KERNELS)))
+  n = 2 * KERNELS
+  group = FactorGroup(
+    basis=jnp.asarray(rng.normal(size=(n, D, K)), jnp.float32),
+    rank=jnp.full((n,), version % K, jnp.int32),
+    coef=jnp.asarray(rng.normal(size=(T, n, K, P)), jnp.float32),
+    ncols=jnp.full((T, n), P, jnp.int32),
+    scatter=jnp.asarray(rng.normal(size=(n, K, K)), jnp.float32),
+    energy=jnp.asarray(rng.uniform(size=(n,)), jnp.float32),
+  )
+  task_ids = tuple(f"task{version}-{i}" if i % 2 else i for i in range(1 + version % T))
+  heads = {task_ids[0]: {"classifier": {"kernel": jnp.full((D, 3), version, jnp.float32)}}}
+  return Subspace(
+    groups={f"d{D}": group},
+    heads=heads,
+    layout=layout,
+    task_ids=task_ids,
+    config=SubspaceConfig(explained_variance=0.5 + version % 5 / 10),
+  )
+
+
+if __name__ == "__main__":
+  with Checkpointer(sys.argv[1], max_to_keep=MAX_TO_KEEP) as ckpt:
+    print("ready", flush=True)
+    while True:
+      version = (ckpt.latest() or 0) + 1
+      ckpt.save(subspace_for(version), task_meta={0: {"version": version}})
+      print(version, flush=True)
