@@ -322,7 +322,8 @@ def project(subspace: Subspace, lora_tree: Any) -> dict[str, jax.Array]:
 
 
 def reconstruct(subspace: Subspace, task_id: Hashable) -> dict:
-  """The task's LoRA tree (rank = its number of factor columns, alpha folded in)."""
+  """The task's LoRA tree (rank = its number of factor columns, alpha folded in), in the
+  kernels' dtype."""
   i = subspace.task_index(task_id)
   out = {}
   for g, grp in subspace.groups.items():
@@ -334,7 +335,8 @@ def reconstruct(subspace: Subspace, task_id: Hashable) -> dict:
   leaves = {}
   for spec in subspace.layout.kernels:
     sides = out[spec.path]
-    leaves[spec.path] = LoRA(jnp.asarray(sides["a"]), jnp.asarray(sides["b"].T))
+    dtype = jnp.dtype(spec.dtype)
+    leaves[spec.path] = LoRA(jnp.asarray(sides["a"], dtype), jnp.asarray(sides["b"].T, dtype))
   return nest(leaves)
 
 
