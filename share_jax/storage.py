@@ -64,8 +64,9 @@ class Storage:
     }
 
 
-def storage(subspace: Subspace) -> Storage:
-  """Count what ``subspace`` stores and what the equivalent LoRA adapters would."""
+def storage(subspace: Subspace, *, lora_rank: int | None = None) -> Storage:
+  """Count what ``subspace`` stores and what the equivalent LoRA adapters would: of rank
+  ``lora_rank``, or by default of each task's own number of factor columns."""
   layout = subspace.layout
   host = {g: (np.asarray(grp.rank), np.asarray(grp.ncols)) for g, grp in subspace.groups.items()}
   basis = 0
@@ -79,7 +80,7 @@ def storage(subspace: Subspace) -> Storage:
       rank, ncols = host[g]
       d, _ = layout.groups[g]
       task[t] += int(rank[row]) * int(ncols[i, row])
-      lora[t] += d * int(ncols[i, row])
+      lora[t] += d * (int(ncols[i, row]) if lora_rank is None else lora_rank)
   heads = {
     t: sum(int(np.size(x)) for x in jax.tree.leaves(subspace.heads.get(t, {})))
     for t in subspace.task_ids
