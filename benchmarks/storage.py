@@ -59,7 +59,7 @@ def counted(
       scatter=jax.ShapeDtypeStruct((n, k, k), jnp.float32),
       energy=jax.ShapeDtypeStruct((n,), jnp.float32),
     )
-  sub = Subspace(groups, {}, layout, tuple(range(tasks)), SubspaceConfig(k=k))
+  sub = Subspace.create(groups, layout, tuple(range(tasks)), SubspaceConfig(k=k))
   return sj.storage(sub, lora_rank=lora_rank)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from share_jax.errors import ShareError
 from share_jax.lora import LoRA, lora_leaves, nest, select_kernels
 from share_jax.merge import Rule, merge_group, mm, project_group, side_factors
-from share_jax.paths import Target, flatten_with_paths, join_path
+from share_jax.paths import Target, flatten_with_paths, join_path, leaf_shape
 from share_jax.subspace import (
   SIDES,
   FactorGroup,
@@ -105,9 +105,9 @@ def _layout_from_params(params: Any, tasks: list[tuple[Hashable, dict]]) -> Layo
     if path not in kernels:
       raise ShareError(f"task {first_task!r}: LoRA at {path!r}, which the params do not have")
     w = kernels[path]
-    if jnp.ndim(w) != 2:
-      raise ShareError(f"{path!r} is not a 2-D kernel (shape {jnp.shape(w)})")
-    specs.append(KernelSpec(path, tuple(int(s) for s in w.shape), str(jnp.asarray(w).dtype)))
+    if len(leaf_shape(w)) != 2:
+      raise ShareError(f"{path!r} is not a 2-D kernel (shape {leaf_shape(w)})")
+    specs.append(KernelSpec(path, tuple(int(s) for s in w.shape), str(jnp.dtype(w.dtype))))
   return Layout(tuple(specs))
 
 
@@ -117,9 +117,9 @@ def check_params(params: Any, layout: Layout) -> dict[str, Any]:
   for spec in layout.kernels:
     if spec.path not in leaves:
       raise ShareError(f"params have no kernel at {spec.path!r}")
-    if tuple(jnp.shape(leaves[spec.path])) != spec.shape:
+    if leaf_shape(leaves[spec.path]) != spec.shape:
       raise ShareError(
-        f"kernel {spec.path!r} has shape {jnp.shape(leaves[spec.path])}, not {spec.shape}"
+        f"kernel {spec.path!r} has shape {leaf_shape(leaves[spec.path])}, not {spec.shape}"
       )
   return leaves
 
@@ -167,7 +167,7 @@ def _grow(group: FactorGroup, t_cap: int, p_cap: int) -> FactorGroup:
 def empty_like(layout: Layout, config: SubspaceConfig, task_capacity: int = 1) -> Subspace:
   """A subspace with no task and empty bases (k = 0) over ``layout``."""
   groups = {g: _empty_group(d, n, bucket(task_capacity)) for g, (d, n) in layout.groups.items()}
-  return Subspace(groups=groups, heads={}, layout=layout, task_ids=(), config=config)
+  return Subspace.create(groups, layout, (), config)
 
 
 def empty_subspace(
@@ -185,7 +185,7 @@ def empty_subspace(
   config = SubspaceConfig(explained_variance, k, max_k, center)
   kernels = select_kernels(params, target)
   specs = tuple(
-    KernelSpec(p, tuple(int(s) for s in w.shape), str(jnp.asarray(w).dtype))
+    KernelSpec(p, tuple(int(s) for s in w.shape), str(jnp.dtype(w.dtype)))
     for p, w in sorted(kernels.items())
   )
   return empty_like(Layout(specs), config, task_capacity)
@@ -237,9 +237,7 @@ def merge_columns(
       k_out = min(rule.limit, bucket(need))
       merged, _ = merge_group(group, x, ncols, start, k_out=k_out, rule=rule)
     groups[g] = merged
-  return subspace.replace(
-    groups=groups, task_ids=subspace.task_ids + tuple(task_ids), config=config
-  )
+  return subspace.with_tasks(groups, task_ids, config)
 
 
 def _merge(

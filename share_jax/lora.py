@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from share_jax.errors import ShareError
-from share_jax.paths import Target, as_predicate, flatten_with_paths
+from share_jax.paths import Target, as_predicate, flatten_with_paths, join_path, leaf_shape
 
 
 @jax.tree_util.register_dataclass
@@ -53,7 +53,9 @@ def lora_leaves(tree: Any) -> dict[str, LoRA]:
 def select_kernels(params: Any, target: Target) -> dict[str, jax.Array]:
   """The 2-D leaves of ``params`` whose joined path ``target`` selects."""
   pred = as_predicate(target)
-  chosen = {p: x for p, x in flatten_with_paths(params).items() if jnp.ndim(x) == 2 and pred(p, x)}
+  chosen = {
+    p: x for p, x in flatten_with_paths(params).items() if len(leaf_shape(x)) == 2 and pred(p, x)
+  }
   if not chosen:
     raise ShareError(f"target {target!r} selects no 2-D kernel of the parameter tree")
   return chosen
@@ -85,3 +87,23 @@ def init_lora_tree(
     a = jax.random.normal(key, (d_in, rank), jnp.float32) / jnp.sqrt(d_in)
     leaves[path] = LoRA(a.astype(w.dtype), jnp.zeros((rank, d_out), w.dtype), alpha)
   return nest(leaves)
+
+
+def apply_lora(params: Any, lora_tree: Any) -> Any:
+  """``params`` with W + ΔW on every kernel ``lora_tree`` adapts (matched by joined key path);
+  dtypes kept, other leaves untouched. Differentiable in ``lora_tree``."""
+  deltas = {path: lora.delta() for path, lora in lora_leaves(lora_tree).items()}
+  kernels = flatten_with_paths(params)
+  for path, delta in deltas.items():
+    if path not in kernels:
+      raise ShareError(f"LoRA at {path!r}, which the params do not have")
+    if jnp.shape(kernels[path]) != delta.shape:
+      raise ShareError(f"LoRA at {path!r} is {delta.shape}, the kernel {jnp.shape(kernels[path])}")
+
+  def add(path, w):
+    delta = deltas.get(join_path(path))
+    return (
+      w if delta is None else (w.astype(jnp.float32) + delta.astype(jnp.float32)).astype(w.dtype)
+    )
+
+  return jax.tree_util.tree_map_with_path(add, params)

@@ -29,6 +29,11 @@ def flatten_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) 
   return {join_path(p): leaf for p, leaf in leaves}
 
 
+def leaf_shape(x: Any) -> tuple[int, ...]:
+  """The shape of an array, a ``jax.ShapeDtypeStruct`` or a Python scalar."""
+  return tuple(x.shape) if hasattr(x, "shape") else ()
+
+
 def as_predicate(target: Target) -> Callable[[str, Any], bool]:
   """A regex (searched in the joined path) or a ``(path, leaf) -> bool`` predicate."""
   if callable(target):

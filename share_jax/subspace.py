@@ -121,17 +121,41 @@ class FactorGroup:
 
 @flax.struct.dataclass
 class Subspace:
-  """Immutable Share state. ``groups`` and ``heads`` are pytree children; the rest is static."""
+  """Immutable Share state. ``groups`` and ``task_heads`` are pytree children; the rest is static.
+
+  ``task_heads`` has one entry per task (None: no head), aligned with ``task_ids`` so that ids of
+  mixed types (int and str) never have to be sorted as dict keys.
+  """
 
   groups: dict[str, FactorGroup]
-  heads: dict[Hashable, Any]
+  task_heads: tuple[Any, ...]
   layout: Layout = flax.struct.field(pytree_node=False)
   task_ids: tuple[Hashable, ...] = flax.struct.field(pytree_node=False)
   config: SubspaceConfig = flax.struct.field(pytree_node=False)
 
+  @classmethod
+  def create(
+    cls,
+    groups: dict[str, FactorGroup],
+    layout: Layout,
+    task_ids: tuple[Hashable, ...],
+    config: SubspaceConfig,
+    heads: dict[Hashable, Any] | None = None,
+  ) -> Subspace:
+    heads = heads or {}
+    unknown = [t for t in heads if t not in task_ids]
+    if unknown:
+      raise UnknownTaskError(f"heads for unknown task ids {unknown}")
+    return cls(groups, tuple(heads.get(t) for t in task_ids), layout, tuple(task_ids), config)
+
   @property
   def num_tasks(self) -> int:
     return len(self.task_ids)
+
+  @property
+  def heads(self) -> dict[Hashable, Any]:
+    """``{task id: head}`` of the tasks that have one."""
+    return {t: h for t, h in zip(self.task_ids, self.task_heads, strict=True) if h is not None}
 
   @property
   def bases(self) -> dict[str, jax.Array]:
@@ -158,5 +182,16 @@ class Subspace:
 
   def with_head(self, task_id: Hashable, head: Any) -> Subspace:
     """A copy that stores ``head`` (any pytree, e.g. a classifier's params) for a known task."""
-    self.task_index(task_id)
-    return self.replace(heads={**self.heads, task_id: head})
+    i = self.task_index(task_id)
+    return self.replace(task_heads=self.task_heads[:i] + (head,) + self.task_heads[i + 1 :])
+
+  def with_tasks(
+    self, groups: dict[str, FactorGroup], task_ids, config: SubspaceConfig
+  ) -> Subspace:
+    """A copy with new groups holding ``task_ids`` appended (no heads yet) and ``config``."""
+    return self.replace(
+      groups=groups,
+      task_ids=self.task_ids + tuple(task_ids),
+      task_heads=self.task_heads + (None,) * len(task_ids),
+      config=config,
+    )

@@ -1,12 +1,11 @@
-"""Saves a deterministic subspace per version until killed: ``python ckpt_worker.py CKPT``.
+"""A process that saves a deterministic subspace per version until it is killed.
 
-``tests/test_checkpoint.py`` SIGKILLs it mid-save and checks every listed version against
-``subspace_for(version)``. Prints ``ready`` once, then each version number after its save returns.
+``tests/test_checkpoint.py`` starts ``save_forever`` in a process forked from a server that
+preloaded ``share_jax.checkpoint`` (so each start is fast), SIGKILLs it mid-save and checks every
+listed version against ``subspace_for(version)``.
 """
 
 from __future__ import annotations
-
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +32,7 @@ def subspace_for(version: int) -> Subspace:
   )
   task_ids = tuple(f"task{version}-{i}" if i % 2 else i for i in range(1 + version % T))
   heads = {task_ids[0]: {"classifier": {"kernel": jnp.full((D, 3), version, jnp.float32)}}}
-  return Subspace(
+  return Subspace.create(
     groups={f"d{D}": group},
     heads=heads,
     layout=layout,
@@ -42,10 +41,11 @@ def subspace_for(version: int) -> Subspace:
   )
 
 
-if __name__ == "__main__":
-  with Checkpointer(sys.argv[1], max_to_keep=MAX_TO_KEEP) as ckpt:
-    print("ready", flush=True)
+def save_forever(directory: str, progress: str) -> None:
+  """Append ``ready``, then each version number once its save has returned, to ``progress``."""
+  with open(progress, "a") as log, Checkpointer(directory, max_to_keep=MAX_TO_KEEP) as ckpt:
+    print("ready", file=log, flush=True)
     while True:
       version = (ckpt.latest() or 0) + 1
       ckpt.save(subspace_for(version), task_meta={0: {"version": version}})
-      print(version, flush=True)
+      print(version, file=log, flush=True)

@@ -1,0 +1,305 @@
+"""The ``share-jax`` command line (also ``python -m share_jax``): PEFT adapters in, versioned
+subspace checkpoints, PEFT adapters out. Every error exits non-zero with one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from share_jax.checkpoint import Checkpointer, CheckpointError, digest
+from share_jax.core import absorb, init_subspace
+from share_jax.errors import ShareError
+from share_jax.lora import lora_leaves, nest
+from share_jax.peft_io import SCHEMES, PeftAdapter, export_task, read_adapter
+from share_jax.storage import storage
+from share_jax.subspace import Subspace
+
+PROG = "share-jax"
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str):  # one line instead of usage + message
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _kernel_params(specs: dict[str, tuple[tuple[int, ...], str]]) -> dict:
+  """A params stand-in holding only the kernels ``{path: (shape, dtype)}``: zero views that take
+  no memory."""
+  return nest(
+    {p: np.broadcast_to(np.zeros((), dtype), shape) for p, (shape, dtype) in specs.items()}
+  )
+
+
+def _read(dirs: Sequence[str], scheme: str, params: Any = None) -> list[PeftAdapter]:
+  return [
+    read_adapter(d, scheme=scheme, params=params)
+    for d in tqdm(dirs, desc="reading adapters", unit="adapter", disable=None)
+  ]
+
+
+def _task_ids(args, dirs: Sequence[str]) -> list[str]:
+  ids = args.task_ids or [Path(d).resolve().name for d in dirs]
+  if len(ids) != len(dirs):
+    raise ShareError(f"{len(ids)} task ids for {len(dirs)} adapter directories")
+  return ids
+
+
+def _k_options(args) -> dict:
+  return {
+    n: v
+    for n, v in (("k", args.k), ("explained_variance", args.explained_variance))
+    if v is not None
+  }
+
+
+def _save(ckpt: Checkpointer, subspace: Subspace, ids: Sequence[str], adapters: list) -> int:
+  """Save ``subspace`` with the new tasks' heads and PEFT metadata; returns the version."""
+  for t, adapter in zip(ids, adapters, strict=True):
+    if adapter.heads:
+      subspace = subspace.with_head(t, adapter.heads)
+  return ckpt.save(
+    subspace, task_meta={t: a.task_meta() for t, a in zip(ids, adapters, strict=True)}
+  )
+
+
+def _find_task(task_ids: Sequence[Hashable], text: str) -> Hashable:
+  """The task id whose text is ``text`` (ids may be ints or strs)."""
+  found = [t for t in task_ids if str(t) == text]
+  if len(found) != 1:
+    what = "unknown" if not found else "ambiguous"
+    raise ShareError(f"{what} task id {text!r}; the checkpoint holds {list(task_ids)}")
+  return found[0]
+
+
+def _existing(ckpt: str) -> Checkpointer:
+  checkpointer = Checkpointer(ckpt)
+  if not checkpointer.versions():
+    raise ShareError(f"no checkpoint versions in {ckpt}")
+  return checkpointer
+
+
+# ----------------------------------------------------------------------------- verbs
+
+
+def cmd_init(args) -> int:
+  with Checkpointer(args.out, max_to_keep=args.max_to_keep) as ckpt:
+    if ckpt.versions():
+      raise ShareError(f"{args.out} already holds versions {ckpt.versions()}; use absorb")
+    ids = _task_ids(args, args.adapters)
+    adapters = _read(args.adapters, args.scheme)
+    first = lora_leaves(adapters[0].lora)
+    params = _kernel_params(
+      {p: ((x.a.shape[0], x.b.shape[1]), "float32") for p, x in first.items()}
+    )
+    subspace = init_subspace(
+      params, [a.lora for a in adapters], task_ids=ids, max_k=args.max_k, **_k_options(args)
+    )
+    version = _save(ckpt, subspace, ids, adapters)
+  print(f"{args.out}: version {version}, {len(ids)} tasks {ids}")
+  return 0
+
+
+def cmd_absorb(args) -> int:
+  with _existing(args.ckpt) as ckpt:
+    meta = ckpt.metadata()
+    subspace = ckpt.restore()
+    schemes = [m["peft"]["scheme"] for m in meta["task_meta"] if m and m.get("peft")]
+    scheme = args.scheme or (schemes[0] if schemes else "hf_flax")
+    ids = _task_ids(args, args.adapters)
+    adapters = _read(
+      args.adapters,
+      scheme,
+      _kernel_params({s.path: (s.shape, s.dtype) for s in subspace.layout.kernels}),
+    )
+    subspace = absorb(subspace, [a.lora for a in adapters], task_ids=ids, **_k_options(args))
+    version = _save(ckpt, subspace, ids, adapters)
+  print(f"{args.ckpt}: version {version}, {subspace.num_tasks} tasks (added {ids})")
+  return 0
+
+
+def cmd_export(args) -> int:
+  ckpt = _existing(args.ckpt)
+  meta = ckpt.metadata(args.version)
+  subspace = ckpt.restore(args.version)
+  task = _find_task(subspace.task_ids, args.task_id)
+  config = export_task(
+    subspace,
+    task,
+    args.out,
+    meta=meta["task_meta"][subspace.task_index(task)],
+    scheme=args.scheme,
+    prefix=args.prefix,
+    head_module=args.head_module,
+  )
+  print(f"{args.out}: task {task!r} as a PEFT LoRA adapter, r={config['r']}")
+  return 0
+
+
+def _info(ckpt: Checkpointer, version: int | None) -> dict:
+  version = ckpt.latest() if version is None else version
+  meta = ckpt.metadata(version)
+  subspace = ckpt.restore(version)
+  return {
+    "version": version,
+    "library_version": meta["library_version"],
+    "saved_at": meta["saved_at"],
+    "tasks": meta["task_ids"],
+    "config": meta["config"],
+    "base": digest(meta["base"]) if meta["base"] else None,
+    "ranks": meta["ranks"],
+    "storage": storage(subspace).summary(),
+  }
+
+
+def cmd_info(args) -> int:
+  info = _info(_existing(args.ckpt), args.version)
+  if args.json:
+    print(json.dumps(info, indent=2))
+    return 0
+  s, c = info["storage"], info["config"]
+  rule = f"k={c['k']}" if c["k"] is not None else f"explained variance {c['explained_variance']}"
+  print(f"version {info['version']} (share_jax {info['library_version']}, {info['saved_at']})")
+  print(f"base model: {info['base'] or 'unknown (built from adapters)'}")
+  print(f"tasks ({len(info['tasks'])}, in learning order): {info['tasks']}")
+  print(f"k rule: {rule}, max_k={c['max_k']}, centred={c['center']}")
+  for r in info["ranks"]:
+    print(f"  {r['path']} [{r['side']}]: k={r['k']}, energy kept {r['energy']:.3f}")
+  print(
+    f"storage: {s['share_bytes']:,} bytes (bases {s['basis_params']:,} params) vs "
+    f"{s['lora_bytes']:,} bytes as LoRAs; per task {s['ratio_per_task']:.1f}x smaller, "
+    f"{s['ratio_with_bases']:.2f}x with bases"
+  )
+  return 0
+
+
+def cmd_versions(args) -> int:
+  ckpt = _existing(args.ckpt)
+  versions = ckpt.versions()
+  for v in versions:
+    try:
+      meta = ckpt.metadata(v)
+      line = f"{len(meta['task_ids'])} tasks\t{meta['saved_at']}"
+    except CheckpointError as e:
+      line = f"unreadable: {e}"
+    print(f"{v}\t{line}" + ("  (latest)" if v == versions[-1] else ""))
+  return 0
+
+
+def cmd_rollback(args) -> int:
+  with _existing(args.ckpt) as ckpt:
+    dropped = ckpt.rollback(args.version)
+  print(f"{args.ckpt}: dropped versions {dropped}; latest is {args.version}")
+  return 0
+
+
+def cmd_run(args) -> int:
+  try:
+    run = importlib.import_module("share_jax.run")
+  except ModuleNotFoundError as e:
+    if e.name != "share_jax.run":
+      raise
+    raise ShareError(
+      "the continual runner (share_jax.run) is not available in this version"
+    ) from None
+  return run.main(["--config", args.config, *args.extra]) or 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog=PROG, description=__doc__.split("\n")[0])
+  verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+  def verb(name: str, func, help: str) -> argparse.ArgumentParser:
+    p = verbs.add_parser(name, help=help, description=help)
+    p.set_defaults(func=func)
+    return p
+
+  def k_rule(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--k", type=int, help="keep exactly K basis columns per kernel side")
+    g.add_argument("--explained-variance", type=float, metavar="EV", help="energy to keep (0, 1]")
+
+  def adapters(p: argparse.ArgumentParser, scheme_default: str | None) -> None:
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT LoRA adapter dirs")
+    p.add_argument("--task-ids", nargs="+", metavar="ID", help="default: the directory names")
+    p.add_argument(
+      "--scheme",
+      choices=sorted(SCHEMES),
+      default=scheme_default,
+      help="PEFT module name -> Flax path mapping"
+      + (f" (default {scheme_default})" if scheme_default else " (default: the checkpoint's)"),
+    )
+
+  p = verb("init", cmd_init, "build a subspace checkpoint from PEFT LoRA adapters")
+  adapters(p, "hf_flax")
+  p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint directory to create")
+  k_rule(p)
+  p.add_argument("--max-k", type=int, help="cap on k per kernel side")
+  p.add_argument("--max-to-keep", type=int, help="keep only the newest N versions")
+
+  p = verb("absorb", cmd_absorb, "fold PEFT LoRA adapters into a checkpoint (a new version)")
+  p.add_argument("ckpt", metavar="CKPT")
+  adapters(p, None)
+  k_rule(p)
+
+  p = verb("export", cmd_export, "write one task as a PEFT LoRA adapter directory")
+  p.add_argument("ckpt", metavar="CKPT")
+  p.add_argument("task_id", metavar="TASK_ID")
+  p.add_argument("--out", required=True, metavar="DIR", help="new adapter directory")
+  p.add_argument("--version", type=int, help="checkpoint version (default: latest)")
+  p.add_argument("--scheme", choices=sorted(SCHEMES), help="for tasks not imported from PEFT")
+  p.add_argument("--prefix", default="", help="module prefix for --scheme, e.g. 'bert.'")
+  p.add_argument("--head-module", help="PEFT module name of a head stored as bare params")
+
+  p = verb("info", cmd_info, "tasks, k per kernel, explained variance and storage")
+  p.add_argument("ckpt", metavar="CKPT")
+  p.add_argument("--version", type=int, help="default: latest")
+  p.add_argument("--json", action="store_true", help="print JSON")
+
+  p = verb("versions", cmd_versions, "list the versions of a checkpoint")
+  p.add_argument("ckpt", metavar="CKPT")
+
+  p = verb("rollback", cmd_rollback, "drop every version after N")
+  p.add_argument("ckpt", metavar="CKPT")
+  p.add_argument("version", type=int, metavar="N")
+
+  p = verb("run", cmd_run, "run a continual-learning experiment (share_jax.run)")
+  p.add_argument("--config", required=True, help="experiment config file")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point; returns the exit status."""
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  if extra and args.verb != "run":
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  args.extra = extra
+  try:
+    return args.func(args)
+  except KeyboardInterrupt:
+    print(f"{PROG} {args.verb}: interrupted", file=sys.stderr)
+    return 130
+  except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+  except Exception as e:  # every failure becomes one line
+    message = " ".join(str(e).split()) or type(e).__name__
+    if not isinstance(e, ShareError | OSError):
+      message = f"{type(e).__name__}: {message}"
+    print(f"{PROG} {args.verb}: error: {message}", file=sys.stderr)
+    return 1
