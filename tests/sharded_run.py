@@ -18,9 +18,9 @@ from numpy_reference import Planted
 import share_jax as sj
 from share_jax import sharding, train
 
-# Group d24 has L = 16 slots (split over the devices); d16 and d12 have L = 1 (replicated).
+# Group d24 has L = 16 slots (split over the devices), group d16 L = 2 (replicated).
 SHAPES = {f"enc/l{i}/{n}/kernel": (24, 24) for i in range(4) for n in ("query", "value")} | {
-  "enc/out/kernel": (16, 12)
+  "enc/out/kernel": (16, 16)
 }
 BATCH, STEPS = 16, 3
 OPTIMIZER = optax.adam(1e-2)
@@ -29,7 +29,7 @@ OPTIMIZER = optax.adam(1e-2)
 def problem():
   """(params, subspace of 3 tasks, 2 new LoRAs, a regression batch); the same in every process."""
   pl = Planted(seed=7, shapes=SHAPES)
-  sub = sj.init_subspace(pl.params, pl.loras(3), explained_variance=0.9)
+  sub = sj.init_subspace(pl.params, pl.loras(3), k=4)
   rng = np.random.default_rng(7)
   batch = tuple(rng.normal(size=(BATCH, 24)).astype(np.float32) for _ in range(2))
   return jax.tree.map(jnp.asarray, pl.params), sub, pl.loras(2, rank=4), batch
@@ -41,7 +41,7 @@ def loss_fn(params, head, batch):
   for i in range(4):
     layer = enc[f"l{i}"]
     x = jnp.tanh(x + x @ layer["query"]["kernel"] + x @ layer["value"]["kernel"])
-  return jnp.mean((x[:, :16] @ enc["out"]["kernel"] - y[:, :12]) ** 2)
+  return jnp.mean((x[:, :16] @ enc["out"]["kernel"] - y[:, :16]) ** 2)
 
 
 def _train(step, trainable, opt_state, params, bases, batch) -> dict[str, np.ndarray]:
@@ -51,7 +51,6 @@ def _train(step, trainable, opt_state, params, bases, batch) -> dict[str, np.nda
     trainable, opt_state, loss = step(trainable, opt_state, params, bases, batch)
     losses.append(loss)
   out = {f"train/coef/{g}": np.asarray(c) for g, c in trainable.coef.items()}
-  out |= {f"train/temp_coef/{g}": np.asarray(c) for g, c in trainable.temp_coef.items()}
   return out | {"train/losses": np.asarray(losses)}
 
 
@@ -67,7 +66,7 @@ def reference() -> dict[str, np.ndarray]:
   """Unsharded: a plain absorb and STEPS plain training steps."""
   params, sub, new, batch = problem()
   merged = sj.absorb(sub, new, task_ids=["x", "y"])
-  trainable = train.begin_task(sub, "new", rng=jax.random.key(0), p=2)
+  trainable = train.task_state(sub, 0)  # fine-tune task 0
   step = train.make_train_step(loss_fn, OPTIMIZER, sub.layout)
   return _merged(merged) | _train(
     step, trainable, OPTIMIZER.init(trainable), params, sub.bases, batch
@@ -84,7 +83,7 @@ def run(mesh) -> dict[str, np.ndarray]:
   """The reference on ``mesh``: a sharded merge, data-parallel steps; results gathered."""
   merged = sharded_merge(mesh)
   params, sub, _, batch = problem()
-  trainable = train.begin_task(sub, "new", rng=jax.random.key(0), p=2)
+  trainable = train.task_state(sub, 0)  # fine-tune task 0
   step = sharding.data_parallel_step(loss_fn, OPTIMIZER, sub.layout, mesh)
   n, i = jax.process_count(), jax.process_index()
   local = jax.tree.map(lambda x: x[i * BATCH // n : (i + 1) * BATCH // n], batch)
