@@ -8,6 +8,7 @@ factor columns into the bases (what T learned survives) and re-projects every ol
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -46,13 +47,22 @@ def _side_rows(layout: Layout, side: str) -> dict[str, np.ndarray]:
   return rows
 
 
-def _temp_init(basis: jax.Array, rank: jax.Array, phi: int, rng: jax.Array) -> jax.Array:
-  """Top-φ active basis columns; random unit columns where the basis has fewer than φ."""
+@functools.partial(jax.jit, static_argnames=("p", "phi", "std"))
+def _init_group(basis, rank, on_a, rng, *, p: int, phi: int, std: float):
+  """(coef (L, K, p), temp (L, d, φ), temp_coef (L, φ, p)) of one group; ``on_a``: (L,) bool.
+
+  Temporary factors are the top-φ active basis columns, random unit columns beyond the rank.
+  """
   n, d, k = basis.shape
+  k1, k2, k3 = jax.random.split(rng, 3)
+  on_a = on_a[:, None, None]
+  active = jnp.arange(k)[None, :, None] < rank[:, None, None]
+  coef = jnp.where(on_a & active, std * jax.random.normal(k1, (n, k, p)), 0.0)
   top = jnp.pad(basis, ((0, 0), (0, 0), (0, max(phi - k, 0))))[:, :, :phi]
-  rand = jax.random.normal(rng, (n, d, phi)) / jnp.sqrt(d)
-  active = jnp.arange(phi)[None, None, :] < rank[:, None, None]
-  return jnp.where(active, top, rand)
+  rand = jax.random.normal(k2, (n, d, phi)) / jnp.sqrt(d)
+  temp = jnp.where(jnp.arange(phi)[None, None, :] < rank[:, None, None], top, rand)
+  temp_coef = jnp.where(on_a, std * jax.random.normal(k3, (n, phi, p)), 0.0)
+  return coef, temp, temp_coef
 
 
 def begin_task(
@@ -78,14 +88,11 @@ def begin_task(
   a_rows = _side_rows(subspace.layout, "a")
   coef, temp, temp_coef = {}, {}, {}
   for g, grp in subspace.groups.items():
-    rng, k1, k2, k3 = jax.random.split(rng, 4)
-    n, _, k = grp.basis.shape
-    std = scale if scale is not None else 1.0 / np.sqrt(max(k, 1) + phi)
-    on_a = jnp.asarray(a_rows[g])[:, None, None]
-    active = jnp.arange(k)[None, :, None] < grp.rank[:, None, None]
-    coef[g] = jnp.where(on_a & active, std * jax.random.normal(k1, (n, k, p)), 0.0)
-    temp[g] = _temp_init(grp.basis, grp.rank, phi, k2)
-    temp_coef[g] = jnp.where(on_a, std * jax.random.normal(k3, (n, phi, p)), 0.0)
+    rng, key = jax.random.split(rng)
+    std = scale if scale is not None else 1.0 / float(np.sqrt(max(grp.basis.shape[-1], 1) + phi))
+    coef[g], temp[g], temp_coef[g] = _init_group(
+      grp.basis, grp.rank, jnp.asarray(a_rows[g]), key, p=p, phi=phi, std=std
+    )
   return TaskState(coef, temp, temp_coef, head)
 
 
