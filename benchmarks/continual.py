@@ -1,0 +1,84 @@
+"""Continual learning over seeds: every method of a config, mean ± std, appended to RESULTS.md.
+
+    python benchmarks/continual.py --config configs/text_domains.py --workdir runs/bench \
+      --seeds=0,1,2
+
+Each seed is one ``share_jax.run`` run (``WORKDIR/seed_S/results.json``); the section
+``## Continual learning (issue 3)`` of ``benchmarks/RESULTS.md`` gets a table of ACC,
+forgetting, BWT, adapter parameters per task (trained / stored) and bytes per task.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from share_jax import run as runner
+
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
+_RESULTS = flags.DEFINE_string(
+  "results", str(Path(__file__).parent / "RESULTS.md"), "Markdown file to append to."
+)
+SECTION = "## Continual learning (issue 3)"
+
+
+def mean_std(values, spec: str = ".1f") -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  return f"{np.mean(values):{spec}} ± {np.std(values):{spec}}"
+
+
+def section(runs: list[dict], command: str) -> str:
+  """Markdown: the command, machine, date, and one row per method (mean ± std over seeds)."""
+  first = runs[0]
+  lines = [
+    SECTION,
+    "",
+    f"- command: `{command}`",
+    f"- machine: {first['machine']}; date: {first['date']}",
+    f"- data: {first['data']}; tasks: {', '.join(first['tasks'])}; backbone: {first['backbone']}",
+    f"- seeds: {len(runs)}; accuracies in percent; FWT reference: {first['fwt_reference']}",
+    "",
+    "| method | strict | ACC | forgetting | BWT | adapter params/task trained | stored "
+    "| bytes/task | wall s | CPU s |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name, r in first["methods"].items():
+    rows = [run["methods"][name] for run in runs]
+    trained = [np.mean(r["params"]["adapter_trained_per_task"]) for r in rows]
+    stored = [np.mean(r["params"]["adapter_stored_per_task"]) for r in rows]
+    lines.append(
+      f"| {name} | {'yes' if r['strict'] else 'no'} | {mean_std([r['ACC'] for r in rows])} "
+      f"| {mean_std([r['forgetting'] for r in rows])} | {mean_std([r['BWT'] for r in rows])} "
+      f"| {np.mean(trained):,.0f} | {np.mean(stored):,.0f} "
+      f"| {np.mean([r['bytes_per_task'] for r in rows]):,.0f} "
+      f"| {mean_std([r['wall_s'] for r in rows], '.0f')} "
+      f"| {mean_std([r['cpu_s'] for r in rows], '.0f')} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  config, workdir = flags.FLAGS.config, Path(flags.FLAGS.workdir)
+  runs = []
+  for seed in map(int, _SEEDS.value):
+    config.seed = seed
+    runs.append(runner.run(config, workdir / f"seed_{seed}"))
+  command = " ".join(["python", *sys.argv])
+  text = section(runs, command)
+  with open(_RESULTS.value, "a") as f:
+    f.write(f"\n{text}")
+  print(text)
+  print(f"appended to {_RESULTS.value}; finished {datetime.datetime.now():%Y-%m-%d %H:%M}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
