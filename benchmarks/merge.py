@@ -1,0 +1,609 @@
+"""Merge scaling (issue 2): absorb one new LoRA into a subspace that already holds T tasks.
+
+Times ``share_jax.absorb`` end to end (and the jitted ``merge_group`` alone) against two NumPy
+float32 baselines fed the same inputs, per kernel and side: the T tasks' reconstructed factor
+columns plus the new LoRA's, a d × (T·r + r) stack.
+
+  (a) explicit-stack thin SVD: ``np.linalg.svd(X - mean, full_matrices=False)``, top k, project all;
+  (b) the reference code: ``np.linalg.eig(Xc @ Xc.T)``, real parts, sort, top k, project all.
+
+It also checks that share_jax's new bases and old-task reconstructions equal (a)'s.
+
+  python -m benchmarks.merge                      # T = 10 100 1000, roberta and 7b shapes
+  python -m benchmarks.merge --quick              # T = 10 100, roberta, 3 reps
+  python -m benchmarks.merge --T 10 1000 --shapes 7b --reps 7 --profile
+
+Baselines are expensive (a 4096 × 4096 ``eig`` takes minutes here); every baseline cell gets a
+time budget. Slots (kernel, side) all have the same shape, so a cell whose budget runs out is
+extrapolated from the slots it timed, and a cell whose single slot would exceed ``--max-slot-s``
+is scaled from a smaller T by a flop model. The table marks both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import share_jax as sj
+from share_jax import core
+from share_jax.lora import nest
+from share_jax.merge import merge_group, mm
+
+# ----------------------------------------------------------------------------- problem
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """A model's adapted kernels: ``n_layers`` × (query, value), each d × d, LoRA rank r."""
+
+  name: str
+  d: int
+  n_layers: int
+  r: int
+  k: int
+
+  @property
+  def paths(self) -> list[str]:
+    return [
+      f"layer_{i}/attention/{proj}/kernel"
+      for i in range(self.n_layers)
+      for proj in ("query", "value")
+    ]
+
+  @property
+  def n_slots(self) -> int:
+    return 2 * len(self.paths)
+
+  def describe(self) -> str:
+    return f"{len(self.paths)} × {self.d}², r={self.r}, k={self.k}"
+
+
+SHAPES = {
+  "roberta": Shape("roberta", d=768, n_layers=12, r=8, k=32),
+  "7b": Shape("7b", d=4096, n_layers=2, r=16, k=64),
+  "7b-k256": Shape("7b-k256", d=4096, n_layers=2, r=16, k=256),
+}
+
+
+class Planted:
+  """Random LoRAs whose factors share a hidden 2k-dim subspace (geometric spectrum) plus noise."""
+
+  def __init__(self, shape: Shape, seed: int):
+    self.shape = shape
+    self.rng = np.random.default_rng(seed)
+    d, h = shape.d, min(2 * shape.k, shape.d)
+    self.scales = np.geomspace(1.0, 0.05, h).astype(np.float32)[:, None]
+    self.noise = np.float32(0.1 / np.sqrt(d))  # noise column norm ≈ 0.1, signal ≈ 3
+    self.hidden = {p: (self._ortho(d, h), self._ortho(d, h)) for p in shape.paths}
+    self.params = nest({p: np.zeros((d, d), np.float32) for p in shape.paths})
+
+  def _ortho(self, d: int, h: int) -> np.ndarray:
+    return np.linalg.qr(self.rng.standard_normal((d, h), np.float32))[0]
+
+  def _side(self, u: np.ndarray) -> np.ndarray:
+    r, h = self.shape.r, u.shape[1]
+    x = u @ (self.scales * self.rng.standard_normal((h, r), np.float32))
+    return x + self.noise * self.rng.standard_normal(x.shape, np.float32)
+
+  def lora(self) -> dict:
+    return nest(
+      {p: sj.LoRA(self._side(ua), self._side(ub).T) for p, (ua, ub) in self.hidden.items()}
+    )
+
+  def loras(self, n: int) -> list[dict]:
+    return [self.lora() for _ in range(n)]
+
+
+def block(sub: sj.Subspace) -> sj.Subspace:
+  jax.block_until_ready(sub.groups)
+  return sub
+
+
+def build(shape: Shape, ts: list[int], chunk: int, seed: int, log) -> tuple[Planted, dict]:
+  """Subspaces holding each T in ``ts`` tasks: one init, then absorbs of ``chunk`` LoRAs at a time
+  (capacities grow in buckets as in real use). Returns the generator and ``{T: subspace}``."""
+  gen = Planted(shape, seed)
+  sub, count, snaps = None, 0, {}
+  t0 = time.perf_counter()
+  for target in sorted(ts):
+    while count < target:
+      n = min(chunk, target - count)
+      ids = list(range(count, count + n))
+      if sub is None:
+        sub = sj.init_subspace(gen.params, gen.loras(n), k=shape.k, task_ids=ids)
+      else:
+        sub = sj.absorb(sub, gen.loras(n), task_ids=ids)
+      count += n
+    snaps[target] = block(sub)
+    log(f"  built T={target} ({time.perf_counter() - t0:.1f} s so far)")
+  return gen, snaps
+
+
+def blas_threads(n: int | dict[str, int] | None = None) -> dict[str, int]:
+  """Threads of every loaded OpenBLAS (numpy's, and scipy's, which jaxlib's LAPACK calls), by
+  library file; first set them to ``n`` (one count, or a dict as returned) if given."""
+  import ctypes
+
+  import scipy.linalg.cython_lapack  # noqa: F401  (loads the OpenBLAS that jaxlib uses)
+
+  with open("/proc/self/maps") as f:
+    libs = sorted({w for w in f.read().split() if "openblas" in w and ".so" in w})
+  out = {}
+  for path in libs:
+    lib, name = ctypes.CDLL(path), os.path.basename(path)
+    for suffix in ("64_", ""):
+      if hasattr(lib, f"scipy_openblas_get_num_threads{suffix}"):
+        want = n.get(name) if isinstance(n, dict) else n
+        if want is not None:
+          getattr(lib, f"scipy_openblas_set_num_threads{suffix}")(int(want))
+        out[name] = getattr(lib, f"scipy_openblas_get_num_threads{suffix}")()
+        break
+  return out
+
+
+# ----------------------------------------------------------------------------- share_jax timing
+
+
+def median(xs) -> float:
+  return float(statistics.median(xs))
+
+
+def timed(fn: Callable, *args, **kw) -> tuple[float, object]:
+  t = time.perf_counter()
+  out = fn(*args, **kw)
+  return time.perf_counter() - t, out
+
+
+def absorb_one(sub: sj.Subspace, new: dict) -> sj.Subspace:
+  return block(sj.absorb(sub, [new], task_ids=["new"]))
+
+
+def kernel_calls(sub: sj.Subspace, new: dict) -> list[tuple]:
+  """The ``merge_group`` calls (arguments as passed) that ``absorb`` makes for one new task."""
+  calls = []
+
+  def spy(group, x, ncols, start, *, k_out, rule):
+    calls.append((group, x, ncols, start, k_out, rule))
+    return merge_group(group, x, ncols, start, k_out=k_out, rule=rule)
+
+  core.merge_group = spy
+  try:
+    absorb_one(sub, new)
+  finally:
+    core.merge_group = merge_group
+  return calls
+
+
+def compile_call(group, x, ncols, start, k_out, rule):
+  return merge_group.lower(group, x, ncols, start, k_out=k_out, rule=rule).compile()
+
+
+def run_kernel(calls: list[tuple]) -> None:
+  for group, x, ncols, start, k_out, rule in calls:
+    jax.block_until_ready(merge_group(group, x, ncols, start, k_out=k_out, rule=rule))
+
+
+@jax.jit
+def reproject_task_minor(coef: jax.Array, rot: jax.Array, x_coef: jax.Array, start: jax.Array):
+  """The same rotation with coefficients stored (L, K, T·P): one batched GEMM, no transposes,
+  the new rows written in place, no T-sized sum (the column sum kept in the state instead)."""
+  new = mm("lkj,ljn->lkn", rot, coef)
+  return jax.lax.dynamic_update_slice_in_dim(new, x_coef, start * x_coef.shape[-1], axis=2)
+
+
+@jax.jit
+def reproject_only(coef: jax.Array, rot: jax.Array, x_coef: jax.Array, start: jax.Array):
+  """The part of ``merge_group`` whose work grows with T: the old-coefficient sum (for the mean),
+  the rotation of every stored task (same vmap axes) and the row update."""
+  mu = jnp.sum(coef, axis=(0, 3))
+  new = jax.vmap(lambda m, c: mm("kj,tjp->tkp", m, c), in_axes=(0, 1), out_axes=1)(rot, coef)
+  return jax.lax.dynamic_update_slice_in_dim(new, x_coef, start, axis=0), mu
+
+
+def shape_r(tasks) -> int:
+  return max(lora.rank for _, lv in tasks for lora in lv.values())
+
+
+def first_call(sub: sj.Subspace, new: dict) -> dict:
+  """Absorb with empty caches (compile included), the kernel's compile time alone, and the
+  ``merge_group`` calls absorb made."""
+  jax.clear_caches()
+  first, out = timed(absorb_one, sub, new)
+  calls = kernel_calls(sub, new)
+  jax.clear_caches()
+  compile_s = sum(timed(compile_call, *call)[0] for call in calls)
+  (cap,), (cap_out,) = ({g.capacity[1] for g in s.groups.values()} for s in (sub, out))
+  t_cap = str(cap) if cap == cap_out else f"{cap}→{cap_out}"
+  return {"first_s": first, "compile_s": compile_s, "t_cap": t_cap, "out": out, "calls": calls}
+
+
+def time_share(subs: dict, new: dict, reps: int, profile: bool) -> dict:
+  """Per T: first call, then absorb and ``merge_group`` medians, the Ts interleaved rep by rep
+  so that load changes hit every T alike."""
+  res = {t: first_call(sub, new) for t, sub in subs.items()}
+  for t, sub in subs.items():
+    absorb_one(sub, new)
+    run_kernel(res[t]["calls"])
+  runs = {t: {"absorb": [], "kernel": []} for t in subs}
+  for _ in range(reps):
+    for t, sub in subs.items():
+      runs[t]["absorb"].append(timed(absorb_one, sub, new)[0])
+      runs[t]["kernel"].append(timed(run_kernel, res[t]["calls"])[0])
+  for t, sub in subs.items():
+    r = res[t]
+    r["absorb_s"], r["kernel_s"] = median(runs[t]["absorb"]), median(runs[t]["kernel"])
+    r["absorb_runs"] = runs[t]["absorb"]
+    if profile:
+      r["profile"] = profile_host(sub, new, r["calls"], reps)
+      r["xla_ops"] = xla_ops(r["calls"], reps)
+  return res
+
+
+def xla_ops(calls: list[tuple], reps: int, top: int = 8) -> list[tuple[str, float]]:
+  """(XLA op, ms per call) of the ``merge_group`` calls, from a ``jax.profiler`` trace."""
+  import collections
+  import glob
+  import gzip
+  import tempfile
+
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(reps):
+        run_kernel(calls)
+    (path,) = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
+    with gzip.open(path) as f:
+      events = json.load(f)["traceEvents"]
+  total = collections.Counter()
+  skip = ("Thunk", "$", "Pjit", "Slinky", "Execute", "Common")
+  for e in events:
+    if e.get("ph") == "X" and not e["name"].startswith(skip):
+      total[e["name"]] += e.get("dur", 0) / 1e3 / reps
+  hlo = "\n".join(compile_call(*call).as_text() for call in calls)
+  out = []
+  for name, ms in total.most_common(top):
+    m = re.search(rf"%{re.escape(name)} = .*?op_name=\"([^\"]*)\"", hlo)
+    out.append((f"{name} [{m.group(1).removeprefix('jit(merge_group)/')}]" if m else name, ms))
+  return out
+
+
+def profile_host(sub: sj.Subspace, new: dict, calls: list[tuple], reps: int) -> dict:
+  """Medians of absorb's host-side steps and of the T-dependent part of the kernel."""
+  host = {"validate": [], "stack": []}
+  for _ in range(reps):
+    t, tasks = timed(core._as_tasks, [new], ["new"])
+    t += timed(core._resolve_task_ids, sub, ["new"])[0]
+    t += timed(core._check_tasks, sub.layout, tasks)[0]
+    host["validate"].append(t)
+    host["stack"].append(timed(core._stack, sub.layout, [tasks[0][1]], 1, shape_r(tasks))[0])
+  parts = []
+  for group, _, _, start, k_out, _ in calls:
+    n_slots, k_in, _, p = group.basis.shape[0], *group.capacity
+    rot = jnp.ones((n_slots, k_out, k_in), jnp.float32)
+    parts.append((group.coef, rot, jnp.zeros((1, n_slots, k_out, p), jnp.float32), start))
+
+  def reproject():
+    for part in parts:
+      jax.block_until_ready(reproject_only(*part))
+
+  alt = []
+  for coef, rot, _, start in parts:
+    t, n_slots, k, p = coef.shape
+    minor = jnp.transpose(coef, (1, 2, 0, 3)).reshape(n_slots, k, t * p)
+    alt.append((minor, rot, jnp.zeros((n_slots, rot.shape[1], p), jnp.float32), start))
+
+  def reproject_alt():
+    for part in alt:
+      jax.block_until_ready(reproject_task_minor(*part))
+
+  reproject()
+  reproject_alt()
+  host["reproject"] = [timed(reproject)[0] for _ in range(reps)]
+  host["reproject_alt"] = [timed(reproject_alt)[0] for _ in range(reps)]
+  return {name: median(v) for name, v in host.items()}
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def explicit_svd(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """(a): thin SVD of the centred explicit stack, then every task's coefficients."""
+  u, s, _ = np.linalg.svd(x - x.mean(axis=1, keepdims=True), full_matrices=False)
+  u = u[:, :k]
+  u.T @ x
+  return u, s
+
+
+def covariance_eig(x: np.ndarray, k: int) -> tuple[np.ndarray, None]:
+  """(b): general eig of the d × d centred covariance (the reference code), then project."""
+  xc = x - x.mean(axis=1, keepdims=True)
+  w, v = np.linalg.eig(xc @ xc.T)
+  order = np.argsort(w.real)[::-1][:k]
+  u = np.ascontiguousarray(v.real[:, order])
+  u.T @ x
+  return u, None
+
+
+BASELINES = {"a": explicit_svd, "b": covariance_eig}
+
+
+def flops(method: str, d: int, n: int) -> float:
+  """Rough cost model, only used to scale a too-slow cell from a timed smaller one."""
+  if method == "a":
+    return d * n * min(d, n)
+  return 25.0 * d**3 + 2.0 * d * d * n  # nonsymmetric eig with vectors ≈ 25 d³
+
+
+def slot_stacks(sub: sj.Subspace, new: dict, shape: Shape) -> Callable[[int], np.ndarray]:
+  """Slot i → float32 (d, T·r + r): old tasks' reconstructions β ε_t, then the new columns."""
+  t = sub.num_tasks
+  new_leaves = sj.lora_leaves(new)
+  slots = list(sub.layout.slots.items())
+  host = {g: tuple(map(np.asarray, (v.basis, v.coef, v.rank))) for g, v in sub.groups.items()}
+
+  def get(i: int) -> np.ndarray:
+    (path, side), (g, row) = slots[i]
+    basis, coef, rank = host[g]
+    kk = int(rank[row])
+    c = coef[:t, row, :kk, : shape.r]  # (T, k, r): every task here has rank r
+    old = basis[row, :, :kk] @ c.transpose(1, 0, 2).reshape(kk, t * shape.r)
+    return np.concatenate([old, core.factor_columns(new_leaves[path])[side]], axis=1)
+
+  return get
+
+
+def time_baseline(method: str, get, shape: Shape, t: int, args, history: dict, log) -> dict:
+  """One baseline cell: full reps if the budget allows, else slot extrapolation or a flop-model
+  estimate from the last smaller T timed (``history``; only if its slots took >= 1 s)."""
+  fn, n_slots, n = BASELINES[method], shape.n_slots, t * shape.r + shape.r
+  key = (shape.name, method)
+  if key in history and history[key][2] >= 1.0:  # faster slots are overhead, not flops
+    d0, n0, per0 = history[key]
+    pred = per0 * flops(method, shape.d, n) / flops(method, d0, n0)
+    if pred > args.max_slot_s:
+      log(f"    ({method}) skipped: one slot ≈ {pred:.0f} s > --max-slot-s, scaled from n={n0}")
+      return {"s": pred * n_slots, "how": f"model from T={(n0 - shape.r) // shape.r}", "u": {}}
+  reps, spent, totals, per_slot, us = args.baseline_reps, 0.0, [], [], {}
+  for rep in range(reps):
+    row = []
+    for i in range(n_slots):
+      if row and spent > args.baseline_budget:
+        break
+      x = get(i)
+      dt, (u, s) = timed(fn, x, shape.k)
+      row.append(dt)
+      spent += dt
+      if rep == 0:
+        us[i] = (u, s)
+    per_slot += row
+    if len(row) == n_slots:
+      totals.append(sum(row))
+    if spent > args.baseline_budget:
+      break
+  history[key] = (shape.d, n, median(per_slot))
+  if totals:
+    return {"s": median(totals), "how": f"{len(totals)} rep", "u": us}
+  how = f"{len(per_slot)}/{n_slots} slots"
+  return {"s": median(per_slot) * n_slots, "how": how, "u": us}
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+def accuracy(out: sj.Subspace, get, shape: Shape, t: int, ref: dict, ref_b: dict) -> dict:
+  """Projector distance ‖P_share − P_a‖₂ and max relative error of the old tasks'
+  reconstructions against (a), on the slots (a) ran; float64. Falls back to a float64 eigh of
+  the explicit covariance for one slot when (a) was not run."""
+  slots = list(out.layout.slots.values())
+  how = "(a)"
+  if not ref:
+    x = get(0).astype(np.float64)
+    xc = x - x.mean(axis=1, keepdims=True)
+    w, v = np.linalg.eigh(xc @ xc.T)
+    ref, how = {0: (v[:, ::-1][:, : shape.k], np.sqrt(np.maximum(w[::-1], 0)))}, "eigh64"
+  dist, err, err_new, gap, dist_b = 0.0, 0.0, 0.0, np.inf, 0.0
+  for i, (u_ref, s_ref) in ref.items():
+    g, row = slots[i]
+    grp = out.groups[g]
+    kk = int(grp.rank[row])
+    basis = np.asarray(grp.basis[row, :, :kk], np.float64)
+    coef = np.asarray(grp.coef[: t + 1, row, :kk, : shape.r], np.float64)
+    u_ref = np.asarray(u_ref, np.float64)
+    dist = max(dist, sin_max(u_ref, basis))
+    if i in ref_b:
+      dist_b = max(dist_b, sin_max(u_ref, ref_b[i][0] / np.linalg.norm(ref_b[i][0], axis=0)))
+    if s_ref is not None and len(s_ref) > shape.k:
+      gap = min(gap, s_ref[shape.k - 1] / max(s_ref[shape.k], 1e-30))
+    x = get(i).astype(np.float64)
+    want = u_ref @ (u_ref.T @ x)
+    have = basis @ coef.transpose(1, 0, 2).reshape(kk, (t + 1) * shape.r)
+    diff = np.linalg.norm((have - want).reshape(shape.d, t + 1, shape.r), axis=(0, 2))
+    rel = diff / np.linalg.norm(want.reshape(shape.d, t + 1, shape.r), axis=(0, 2))
+    err, err_new = max(err, rel[:t].max()), max(err_new, rel[t])
+  return {
+    "proj_dist": dist,
+    "old_rel_err": err,
+    "new_rel_err": err_new,
+    "gap": gap,
+    "proj_dist_b": dist_b if ref_b else None,
+    "checked": f"{len(ref)} slots vs {how}",
+  }
+
+
+def sin_max(u: np.ndarray, v: np.ndarray) -> float:
+  """‖U Uᵀ − V Vᵀ‖₂ for orthonormal U, V of equal width: ‖(I − U Uᵀ) V‖₂."""
+  return float(np.linalg.norm(v - u @ (u.T @ v), 2))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def environment() -> dict:
+  return {
+    "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    "command": " ".join(
+      [os.path.basename(sys.executable), "-m", "benchmarks.merge", *sys.argv[1:]]
+    ),
+    "nproc": os.cpu_count(),
+    "cpu": platform.processor() or platform.machine(),
+    "jax": jax.__version__,
+    "numpy": np.__version__,
+    "backend": jax.default_backend(),
+    "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
+    "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE", "(unset)"),
+    "loadavg_start": os.getloadavg(),
+  }
+
+
+def fmt(x: float | None, spec: str = ".3g") -> str:
+  return "—" if x is None else format(x, spec)
+
+
+def _cell(x: dict | None, share_s: float) -> tuple[str, str]:
+  """(time, speedup) of a baseline cell; ``~`` marks an extrapolated or modelled time."""
+  if x is None:
+    return "—", "—"
+  mark = "" if x["how"].endswith("rep") else "~"
+  return f"{mark}{x['s']:.3g} ({x['how']})", f"{mark}{x['s'] / share_s:.0f}×"
+
+
+def table(rows: list[dict]) -> str:
+  head = (
+    "| shape | T | T cap | share_jax absorb (s) | merge_group (s) | first call (s) | compile (s) "
+    "| (a) SVD (s) | (b) eig (s) | (a)/share | (b)/share | ‖P−P_a‖₂ | old recon rel err "
+    "| σ_k/σ_k+1 | (b) ‖P_b−P_a‖₂ |"
+  )
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    s, acc = r["share"], r["acc"]
+    (a, sa), (b, sb) = (_cell(r.get(m), s["absorb_s"]) for m in BASELINES)
+    lines.append(
+      f"| {r['shape']} | {r['T']} | {s['t_cap']} | {s['absorb_s']:.4f} | {s['kernel_s']:.4f} "
+      f"| {s['first_s']:.2f} | {s['compile_s']:.2f} | {a} | {b} | {sa} | {sb} "
+      f"| {acc['proj_dist']:.1e} | {acc['old_rel_err']:.1e} | {acc['gap']:.3g} "
+      f"| {fmt(acc['proj_dist_b'], '.1e')} |"
+    )
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--T", type=int, nargs="+", default=[10, 100, 1000], help="tasks already held")
+  p.add_argument("--shapes", default="roberta,7b", help=f"comma list of {sorted(SHAPES)}")
+  p.add_argument("--reps", type=int, default=7, help="timed share_jax repetitions (median)")
+  p.add_argument("--baseline-reps", type=int, default=3, help="max timed reps per baseline cell")
+  p.add_argument("--baseline-budget", type=float, default=40.0, help="seconds per baseline cell")
+  p.add_argument("--max-slot-s", type=float, default=30.0, help="skip+model a slot slower than")
+  p.add_argument("--no-baselines", action="store_true")
+  p.add_argument("--chunk", type=int, default=30, help="LoRAs per absorb while building")
+  p.add_argument("--profile", action="store_true", help="host-side and reprojection breakdown")
+  p.add_argument("--quick", action="store_true", help="T 10 100, roberta, 3 reps, small budgets")
+  p.add_argument("--blas-threads", type=int, help="OpenBLAS threads while timing (default: as is)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", help="write raw results here")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.T, args.shapes, args.reps = [10, 100], "roberta", 3
+    args.baseline_reps, args.baseline_budget = 1, 10.0
+  args.reps = max(args.reps, 1)
+  return args
+
+
+def main(argv=None) -> None:
+  args = parse(argv)
+  env = environment()
+  env["blas_threads"] = blas_threads(args.blas_threads)
+
+  def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+  log(json.dumps(env))
+  rows, history = [], {}
+  with jax.default_matmul_precision("float32"):
+    for name in args.shapes.split(","):
+      shape = SHAPES[name]
+      log(f"{name}: {shape.describe()}, building T = {sorted(args.T)}")
+      blas_threads(1)  # building is not timed; one thread is far faster on a loaded machine
+      gen, snaps = build(shape, args.T, args.chunk, args.seed, log)
+      new = gen.lora()
+      blas_threads(env["blas_threads"])
+      shares = time_share(snaps, new, args.reps, args.profile)
+      for t, sub in snaps.items():
+        share, out = shares[t], shares[t].pop("out")
+        share.pop("calls")
+        log(f"  T={t}: absorb {share['absorb_s']:.4f} s, merge_group {share['kernel_s']:.4f} s")
+        row = {"shape": name, "T": t, "share": share}
+        get = slot_stacks(sub, new, shape)
+        if not args.no_baselines:
+          for m in BASELINES:
+            row[m] = time_baseline(m, get, shape, t, args, history, log)
+            log(f"  T={t}: ({m}) {row[m]['s']:.3g} s ({row[m]['how']})")
+        ref_a = row["a"]["u"] if "a" in row else {}
+        ref_b = row["b"]["u"] if "b" in row else {}
+        row["acc"] = accuracy(out, get, shape, t, ref_a, ref_b)
+        log(f"  T={t}: {row['acc']}")
+        for m in BASELINES:
+          if m in row:
+            row[m].pop("u")
+        rows.append(row)
+        del get, out
+      del snaps, shares
+  env["loadavg_end"] = os.getloadavg()
+  print(f"date {env['date']}; {env['command']}")
+  print(
+    f"nproc {env['nproc']}, jax {env['jax']} ({env['backend']}), numpy {env['numpy']}, "
+    f"OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']}, OPENBLAS_L2_SIZE={env['OPENBLAS_L2_SIZE']}, "
+    f"OpenBLAS threads {env['blas_threads']}, "
+    f"load average {env['loadavg_start'][0]:.1f} → {env['loadavg_end'][0]:.1f}"
+  )
+  print()
+  print(table(rows))
+  print()
+  for name in args.shapes.split(","):
+    by_t = {r["T"]: r["share"] for r in rows if r["shape"] == name}
+    lo, hi = min(by_t), max(by_t)
+    if lo != hi:
+      g_abs = by_t[hi]["absorb_s"] / by_t[lo]["absorb_s"]
+      g_ker = by_t[hi]["kernel_s"] / by_t[lo]["kernel_s"]
+      print(f"{name}: growth T={hi}/T={lo}: absorb {g_abs:.2f}×, merge_group {g_ker:.2f}×")
+  if args.profile:
+    print()
+    print(
+      "| shape | T | absorb | merge_group | validate | _stack | T-part of merge_group "
+      "| same, (L,K,T·P) layout |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+      s, p = r["share"], r["share"].get("profile", {})
+      print(
+        f"| {r['shape']} | {r['T']} | {s['absorb_s'] * 1e3:.1f} ms | {s['kernel_s'] * 1e3:.1f} ms "
+        f"| {p['validate'] * 1e3:.2f} ms | {p['stack'] * 1e3:.2f} ms "
+        f"| {p['reproject'] * 1e3:.2f} ms | {p['reproject_alt'] * 1e3:.2f} ms |"
+      )
+    print()
+    print("XLA ops of merge_group (ms per call, from a jax.profiler trace):")
+    for r in rows:
+      ops = ", ".join(f"{n} {ms:.1f}" for n, ms in r["share"]["xla_ops"])
+      print(f"- {r['shape']} T={r['T']}: {ops}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+  main()
