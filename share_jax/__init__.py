@@ -10,7 +10,7 @@ from share_jax.core import (
   task_params,
 )
 from share_jax.errors import ShareError, UnknownTaskError
-from share_jax.lora import LoRA, init_lora_tree, lora_leaves
+from share_jax.lora import LoRA, apply_lora, init_lora_tree, lora_leaves
 from share_jax.storage import Storage, storage
 from share_jax.subspace import FactorGroup, Layout, Subspace, SubspaceConfig
 from share_jax.train import (
@@ -37,6 +37,7 @@ __all__ = [
   "TaskState",
   "absorb",
   "adapted_params",
+  "apply_lora",
   "begin_task",
   "empty_subspace",
   "finish_task",
