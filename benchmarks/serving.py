@@ -1,8 +1,8 @@
 """Mixed-task serving: one batch whose examples use 64 different tasks, against a single-task batch
 of the same size and against a loop that applies ``task_params`` per task.
 
-    /work/venv/bin/python benchmarks/serving.py            # MiniLM-L6 (tiny BERT if missing)
-    /work/venv/bin/python benchmarks/serving.py --write    # also update benchmarks/RESULTS.md
+    python -m benchmarks.serving            # MiniLM-L6 (tiny BERT if missing)
+    python -m benchmarks.serving --write    # also update benchmarks/RESULTS.md
 
 Every task is a random rank-``r`` LoRA on the query and value kernels, all merged into one
 subspace with k columns per side. Times are medians of ``--repeats`` interleaved runs after a
@@ -16,23 +16,21 @@ import datetime
 import functools
 import os
 import platform
-import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import share_jax as sj
+from benchmarks.results_file import write_section
 from share_jax.lora import nest, select_kernels
 from share_jax.models import BertEncoder, load_bert_params, minilm_path, tiny_config
 from share_jax.serving import mixed_task_apply
 
 HEADING = "## Mixed-task serving (issue 5)"
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def backbone(name: str):
@@ -75,14 +73,6 @@ def median_times(variants: dict, repeats: int) -> dict[str, float]:
       jax.block_until_ready(fn())
       times[v].append(time.perf_counter() - start)
   return {v: statistics.median(t) for v, t in times.items()}
-
-
-def write_section(text: str) -> None:
-  """Replaces this benchmark's section of RESULTS.md (or appends it); other sections stay."""
-  old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-  pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.M | re.S)
-  new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip() + "\n\n" + text
-  RESULTS.write_text(new)
 
 
 def main() -> None:
@@ -131,7 +121,7 @@ def main() -> None:
     [
       HEADING,
       "",
-      f"`{' '.join(['python', 'benchmarks/serving.py', *sys.argv[1:]])}` — "
+      f"`{' '.join(['python -m benchmarks.serving', *sys.argv[1:]])}` — "
       f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()}-core "
       f"{device.platform.upper()} ({device.device_kind}), jax {jax.__version__}, "
       f"load average {os.getloadavg()[0]:.1f} (shared machine).",
@@ -151,7 +141,7 @@ def main() -> None:
   )
   print(text)
   if args.write:
-    write_section(text)
+    write_section(HEADING, text)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,10 @@ import dataclasses
 import datetime
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -34,6 +32,7 @@ import numpy as np
 import optax
 
 import share_jax as sj
+from benchmarks.results_file import write_section
 from benchmarks.serving import random_loras
 from share_jax.continual import backbones, training
 from share_jax.lora import apply_lora, select_kernels
@@ -42,7 +41,6 @@ from share_jax.subspace import SIDES
 from share_jax.train import optimizer_bytes, trained_factors
 
 HEADING = "## ε-only step vs LoRA step (issue 3/5)"
-RESULTS = Path(__file__).with_name("RESULTS.md")
 NUM_CLASSES = 4
 
 
@@ -219,14 +217,6 @@ def paired_ratio(base: list[float], other: list[float]) -> str:
   return f"{q2:.2f}× ({q1:.2f}–{q3:.2f})"
 
 
-def write_section(text: str) -> None:
-  """Replaces this benchmark's section of RESULTS.md (or appends it); other sections stay."""
-  old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-  pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.M | re.S)
-  new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip() + "\n\n" + text
-  RESULTS.write_text(new)
-
-
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", choices=["minilm", "tiny"], default="minilm")
@@ -299,7 +289,7 @@ def main() -> None:
   )
   print(text)
   if args.write:
-    write_section(text)
+    write_section(HEADING, text)
 
 
 if __name__ == "__main__":
