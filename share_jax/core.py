@@ -124,7 +124,8 @@ def check_params(params: Any, layout: Layout) -> dict[str, Any]:
   return leaves
 
 
-def _resolve_task_ids(subspace: Subspace, task_ids) -> None:
+def check_new_task_ids(subspace: Subspace, task_ids: Sequence[Hashable]) -> None:
+  """An error naming any id the subspace already holds."""
   for t in task_ids:
     if t in subspace.task_ids:
       raise ShareError(f"duplicate task id {t!r}: the subspace already holds it")
@@ -292,7 +293,7 @@ def absorb(
   """Fold new LoRAs (one or a batch) into the shared bases: k is re-chosen and every existing
   task is re-projected. Options left ``None`` keep the subspace's config."""
   tasks = _as_tasks(loras, task_ids)
-  _resolve_task_ids(subspace, [t for t, _ in tasks])
+  check_new_task_ids(subspace, [t for t, _ in tasks])
   _check_tasks(subspace.layout, tasks)
   config = subspace.config
   changes = {

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from share_jax.core import apply_factors, check_params, merge_columns
+from share_jax.core import apply_factors, check_new_task_ids, check_params, merge_columns
 from share_jax.errors import ShareError
 from share_jax.merge import mm, scatter_factor, side_factors
 from share_jax.subspace import Layout, Subspace
@@ -81,8 +81,7 @@ def begin_task(
   ``b`` with zeros, as LoRA does with its A and B. Temporary factors start as the top-φ basis
   columns (random unit columns on a cold start with no basis).
   """
-  if task_id in subspace.task_ids:
-    raise ShareError(f"duplicate task id {task_id!r}: the subspace already holds it")
+  check_new_task_ids(subspace, [task_id])
   if p < 1 or phi < 0:
     raise ShareError(f"need p >= 1 and phi >= 0, got p={p}, phi={phi}")
   a_rows = _side_rows(subspace.layout, "a")
@@ -137,8 +136,7 @@ def make_train_step(
 def finish_task(subspace: Subspace, trainable: TaskState, task_id: Hashable) -> Subspace:
   """Merge the trained task: its factor columns (temporary factors included) are folded into
   the bases, k is re-chosen, every old task is re-projected, and its head is stored."""
-  if task_id in subspace.task_ids:
-    raise ShareError(f"duplicate task id {task_id!r}: the subspace already holds it")
+  check_new_task_ids(subspace, [task_id])
   factors = trained_factors(subspace.bases, trainable)
   for g, f in factors.items():
     if not bool(jnp.all(jnp.isfinite(f))):
