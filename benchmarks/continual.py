@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from share_jax import run as runner
+from share_jax.experiments import run as runner
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
 _RESULTS = flags.DEFINE_string(

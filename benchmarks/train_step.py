@@ -3,7 +3,7 @@
     /work/venv/bin/python -m benchmarks.train_step            # MiniLM-L6 (tiny BERT if missing)
     /work/venv/bin/python -m benchmarks.train_step --write    # also update benchmarks/RESULTS.md
 
-Both steps are the ones the continual runner trains with (``share_jax.continual``): the backbone's
+Both steps are the ones the continual runner trains with (``share_jax.experiments``): the backbone's
 features, a linear head, cross-entropy, optax Adam. LoRA: ``apply_lora`` (W + a b) inside a
 ``jax.value_and_grad`` over {LoRA tree, head}. Share: ``sj.make_train_step`` over the task's
 coefficients ε (+ φ temporary factors) and head, on a subspace (k columns per side) built from
@@ -34,7 +34,7 @@ import optax
 import share_jax as sj
 from benchmarks.results_file import write_section
 from benchmarks.serving import random_loras
-from share_jax.continual import backbones, training
+from share_jax.experiments import backbones, training
 from share_jax.lora import apply_lora, select_kernels
 from share_jax.paths import as_predicate, flatten_with_paths
 from share_jax.subspace import SIDES

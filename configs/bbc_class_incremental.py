@@ -8,7 +8,7 @@ per-task head solves trivially, so this config uses 2 + 3 classes. Frozen all-Mi
       --config.quick=True
 """
 
-from share_jax.continual.config import default_config
+from share_jax.experiments.config import default_config
 
 
 def get_config(arg=None):

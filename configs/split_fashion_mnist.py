@@ -1,5 +1,5 @@
 """Split Fashion-MNIST: 5 tasks of 2 classes, one head per task, on a small ViT that
-``share_jax.continual.vision.vit_backbone`` pretrains on MNIST-5k (self-pretrained, not
+``share_jax.experiments.vision.vit_backbone`` pretrains on MNIST-5k (self-pretrained, not
 ImageNet: a weak stand-in for a real pretrained base). The pretrained ViT is cached.
 
     python -m share_jax.run --config configs/split_fashion_mnist.py --workdir runs/fashion
@@ -9,7 +9,7 @@ ImageNet: a weak stand-in for a real pretrained base). The pretrained ViT is cac
 
 import os
 
-from share_jax.continual.config import default_config
+from share_jax.experiments.config import default_config
 
 
 def get_config(arg=None):

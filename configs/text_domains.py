@@ -9,7 +9,7 @@ examples per class, 4 epochs, batch 32.
     python -m share_jax.run --config configs/text_domains.py --workdir /tmp/q --config.quick=True
 """
 
-from share_jax.continual.config import default_config
+from share_jax.experiments.config import default_config
 
 
 def get_config(arg=None):

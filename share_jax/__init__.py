@@ -1,15 +1,9 @@
 """share_jax: continual learning through one shared low-rank LoRA subspace (Share), in JAX."""
 
-from share_jax.core import (
-  absorb,
-  apply_factors,
-  empty_subspace,
-  init_subspace,
-  project,
-  reconstruct,
-  task_params,
-)
+from share_jax._version import __version__
+from share_jax.apply import apply_factors, project, reconstruct, task_params
 from share_jax.errors import ShareError, UnknownTaskError
+from share_jax.ingest import absorb, empty_subspace, init_subspace
 from share_jax.lora import LoRA, apply_lora, init_lora_tree, lora_leaves
 from share_jax.storage import Storage, storage
 from share_jax.subspace import FactorGroup, Layout, Subspace, SubspaceConfig
@@ -23,9 +17,8 @@ from share_jax.train import (
   task_state,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+  "__version__",
   "FactorGroup",
   "Layout",
   "LoRA",

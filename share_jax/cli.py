@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from share_jax.checkpoint import Checkpointer, CheckpointError, digest
-from share_jax.core import absorb, init_subspace
 from share_jax.errors import ShareError
+from share_jax.ingest import absorb, init_subspace
 from share_jax.lora import lora_leaves, nest
 from share_jax.peft_io import SCHEMES, PeftAdapter, export_task, read_adapter
 from share_jax.storage import storage
 from share_jax.subspace import Subspace
+
+RUNNER = "share_jax.experiments.run"
 
 PROG = "share-jax"
 
@@ -43,10 +44,14 @@ def _kernel_params(specs: dict[str, tuple[tuple[int, ...], str]]) -> dict:
 
 
 def _read(dirs: Sequence[str], scheme: str, params: Any = None) -> list[PeftAdapter]:
-  return [
-    read_adapter(d, scheme=scheme, params=params)
-    for d in tqdm(dirs, desc="reading adapters", unit="adapter", disable=None)
-  ]
+  out = []
+  for i, d in enumerate(dirs, 1):
+    out.append(read_adapter(d, scheme=scheme, params=params))
+    if sys.stderr.isatty():
+      print(
+        f"\rreading adapters: {i}/{len(dirs)}", end="\n" if i == len(dirs) else "", file=sys.stderr
+      )
+  return out
 
 
 def _task_ids(args, dirs: Sequence[str]) -> list[str]:
@@ -206,12 +211,15 @@ def cmd_rollback(args) -> int:
 
 def cmd_run(args) -> int:
   try:
-    run = importlib.import_module("share_jax.run")
+    run = importlib.import_module(RUNNER)
   except ModuleNotFoundError as e:
-    if e.name != "share_jax.run":
-      raise
+    if e.name is not None and e.name.startswith("share_jax"):
+      raise ShareError(
+        f"the continual runner ({RUNNER}) is not available in this version"
+      ) from None
     raise ShareError(
-      "the continual runner (share_jax.run) is not available in this version"
+      f"the continual runner needs the experiments extra (missing {e.name!r}): "
+      "pip install 'share_jax[experiments]'"
     ) from None
   return run.main(["--config", args.config, *args.extra]) or 0
 
@@ -277,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("ckpt", metavar="CKPT")
   p.add_argument("version", type=int, metavar="N")
 
-  p = verb("run", cmd_run, "run a continual-learning experiment (share_jax.run)")
+  p = verb("run", cmd_run, "run a continual-learning experiment (share_jax.experiments.run)")
   p.add_argument("--config", required=True, help="experiment config file")
   return parser
 

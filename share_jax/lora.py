@@ -89,16 +89,15 @@ def init_lora_tree(
   return nest(leaves)
 
 
-def apply_lora(params: Any, lora_tree: Any) -> Any:
-  """``params`` with W + ΔW on every kernel ``lora_tree`` adapts (matched by joined key path);
-  dtypes kept, other leaves untouched. Differentiable in ``lora_tree``."""
-  deltas = {path: lora.delta() for path, lora in lora_leaves(lora_tree).items()}
+def add_deltas(params: Any, deltas: dict[str, jax.Array]) -> Any:
+  """``params`` with W + ΔW at every joined path of ``deltas`` (computed in float32, the kernel's
+  dtype kept); an error names a path the params lack or a ΔW of the wrong shape."""
   kernels = flatten_with_paths(params)
   for path, delta in deltas.items():
     if path not in kernels:
-      raise ShareError(f"LoRA at {path!r}, which the params do not have")
-    if jnp.shape(kernels[path]) != delta.shape:
-      raise ShareError(f"LoRA at {path!r} is {delta.shape}, the kernel {jnp.shape(kernels[path])}")
+      raise ShareError(f"ΔW for {path!r}, which the params do not have")
+    if tuple(jnp.shape(kernels[path])) != tuple(delta.shape):
+      raise ShareError(f"ΔW for {path!r} is {delta.shape}, the kernel {jnp.shape(kernels[path])}")
 
   def add(path, w):
     delta = deltas.get(join_path(path))
@@ -107,3 +106,9 @@ def apply_lora(params: Any, lora_tree: Any) -> Any:
     )
 
   return jax.tree_util.tree_map_with_path(add, params)
+
+
+def apply_lora(params: Any, lora_tree: Any) -> Any:
+  """``params`` with W + ΔW on every kernel ``lora_tree`` adapts (matched by joined key path);
+  dtypes kept, other leaves untouched. Differentiable in ``lora_tree``."""
+  return add_deltas(params, {path: lora.delta() for path, lora in lora_leaves(lora_tree).items()})

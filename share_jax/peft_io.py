@@ -24,7 +24,7 @@ import numpy as np
 import safetensors.flax
 import safetensors.numpy
 
-from share_jax.core import reconstruct
+from share_jax.apply import reconstruct
 from share_jax.errors import ShareError
 from share_jax.lora import LoRA, lora_leaves, nest
 from share_jax.paths import flatten_with_paths

@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from share_jax.core import apply_factors, check_new_task_ids, check_params, merge_columns
+from share_jax.apply import apply_factors
 from share_jax.errors import ShareError
+from share_jax.ingest import merge_columns
 from share_jax.merge import mm, scatter_factor, side_factors
 from share_jax.subspace import Layout, Subspace
+from share_jax.validation import check_new_task_ids, check_params
 
 
 @flax.struct.dataclass

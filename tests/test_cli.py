@@ -118,11 +118,12 @@ def test_errors_are_one_line(capsys, tmp_path, adapter_dirs):
 
 
 def test_run_delegates_to_the_runner(capsys, monkeypatch):
-  monkeypatch.setitem(sys.modules, "share_jax.run", None)  # as if the module did not exist
-  assert "share_jax.run) is not available" in fails(capsys, "run", "--config", "c.py")
+  # as if the module did not exist
+  monkeypatch.setitem(sys.modules, "share_jax.experiments.run", None)
+  assert "share_jax.experiments.run) is not available" in fails(capsys, "run", "--config", "c.py")
   seen = []
   runner = types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0)
-  monkeypatch.setitem(sys.modules, "share_jax.run", runner)
+  monkeypatch.setitem(sys.modules, "share_jax.experiments.run", runner)
   assert run_cli(capsys, "run", "--config", "c.py", "--steps", "3")[0] == 0
   assert seen == [["--config", "c.py", "--steps", "3"]]
 

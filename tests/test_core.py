@@ -16,7 +16,7 @@ from numpy_reference import (
 )
 
 import share_jax as sj
-from share_jax import core, merge
+from share_jax import apply, ingest, merge
 from share_jax.subspace import SIDES
 
 
@@ -169,11 +169,11 @@ def test_adding_tasks_does_not_recompile_merge_projection_or_apply(monkeypatch):
     chex.assert_max_traces(merge.merge_group.__wrapped__, n=n_groups),
     static_argnames=("k_out", "rule"),
   )
-  monkeypatch.setattr(core, "merge_group", traced)
+  monkeypatch.setattr(ingest, "merge_group", traced)
   apply_traced = jax.jit(
-    chex.assert_max_traces(core._task_params.__wrapped__, n=1), static_argnames=("layout",)
+    chex.assert_max_traces(apply._task_params.__wrapped__, n=1), static_argnames=("layout",)
   )
-  monkeypatch.setattr(core, "_task_params", apply_traced)
+  monkeypatch.setattr(apply, "_task_params", apply_traced)
   for t in range(2, 40):
     sub = sj.absorb(sub, pl.loras(1), task_ids=[f"t{t}"])
     sj.task_params(pl.params, sub, f"t{t}")

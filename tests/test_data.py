@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from share_jax import data
-from share_jax.data import bbc_news, fashion_mnist, sources, tweet_sentiment
+from share_jax.experiments import data
+from share_jax.experiments.data import bbc_news, fashion_mnist, sources, tweet_sentiment
 
 BBC_PER_CLASS = 12
 TWEETS_PER_CELL = 12  # per (domain, label)

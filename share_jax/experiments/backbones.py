@@ -13,7 +13,7 @@ A ``Backbone`` bundles
 Per-task classifier heads (linear on the features) are the runner's business, not the backbone's.
 
 A new backbone is one function returning a ``Backbone``. For a vision model (e.g.
-``share_jax.continual.vision.vit_backbone``): ``params`` = the pretrained ViT's
+``share_jax.experiments.vision.vit_backbone``): ``params`` = the pretrained ViT's
 ``{"params": ...}``, ``encode`` = uint8 (N, 28, 28) images → ``{"images": float32 in [0, 1]}``,
 ``features`` = ``ViT(config).apply(params, inputs["images"])``, ``target`` the ViT's
 ``attention/(query|value)/kernel``. Missing weights or data should raise ``FileNotFoundError``
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from share_jax.models import bert
+from share_jax.experiments.models import bert
 
 QUERY_VALUE = r"attention/(query|value)/kernel$"
 _ENCODE_BATCH = 64

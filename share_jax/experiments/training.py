@@ -12,9 +12,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from share_jax.continual.backbones import Backbone, Inputs, batched
-from share_jax.data import Task
 from share_jax.errors import ShareError
+from share_jax.experiments.backbones import Backbone, Inputs, batched
+from share_jax.experiments.data import Task
 
 Head = dict[str, jax.Array]  # {"w": (H, C), "b": (C,)}
 Step = Callable[[Any, Any, dict], tuple[Any, Any, jax.Array]]

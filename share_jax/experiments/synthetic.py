@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from share_jax.data import Task
+from share_jax.experiments.data import Task
 
 _NOISE_WORDS = 40
 _KEYWORDS = 4

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from share_jax.data.sources import default_data_dir, require
+from share_jax.experiments.data.sources import default_data_dir, require
 
 PathLike = str | os.PathLike
 

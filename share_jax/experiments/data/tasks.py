@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from share_jax.data import bbc_news, fashion_mnist, tweet_sentiment
-from share_jax.data.builder import PathLike, load
+from share_jax.experiments.data import bbc_news, fashion_mnist, tweet_sentiment
+from share_jax.experiments.data.builder import PathLike, load
 
 BBC_CLASS_INCREMENTAL = (("business", "tech"), ("politics", "entertainment"), ("sports",))
 TEXT_DOMAINS = ("airline", "apple", "coachella", "other")

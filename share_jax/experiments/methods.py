@@ -31,10 +31,10 @@ import numpy as np
 import optax
 
 import share_jax as sj
-from share_jax.continual import training
-from share_jax.continual.backbones import Backbone, batched
-from share_jax.continual.training import EncodedTask, Head
 from share_jax.errors import ShareError
+from share_jax.experiments import training
+from share_jax.experiments.backbones import Backbone, batched
+from share_jax.experiments.training import EncodedTask, Head
 from share_jax.lora import apply_lora, lora_leaves
 
 

@@ -1,0 +1,210 @@
+"""Continual-learning runner: every method of a config on the same tasks, one results.json.
+
+    python -m share_jax.run --config configs/text_domains.py --workdir runs/demo
+    python -m share_jax.run --config configs/text_domains.py --workdir /tmp/q --config.quick=True
+
+Writes ``WORKDIR/results.json`` (per method: accuracy matrix in percent, ACC, BWT, forgetting,
+FWT, parameters and bytes per task, wall time, strictness) and ``WORKDIR/accuracy.png``, and
+prints a comparison table. Metrics are defined in ``share_jax.experiments.metrics``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+from tqdm.auto import tqdm
+
+from share_jax.errors import ShareError
+from share_jax.experiments import backbones, report, synthetic
+from share_jax.experiments import data as datasets
+from share_jax.experiments.methods import METHODS, Context, Method
+from share_jax.experiments.plots import plot_accuracy
+from share_jax.experiments.training import EncodedTask, check_task, encode_task
+from share_jax.lora import select_kernels
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where results.json and accuracy.png go.")
+
+VISION = "share_jax.experiments.vision"
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """An unlocked copy, with ``quick_overrides`` applied when ``quick`` is set."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.quick:
+    config.update(config.quick_overrides)
+  return config
+
+
+def load_tasks(config) -> tuple[list, str]:
+  """(tasks, note). In quick mode, missing dataset packages fall back to synthetic tasks."""
+  d, seed = config.data, config.seed
+  sizes = dict(n_train_per_class=d.n_train_per_class, n_test_per_class=d.n_test_per_class)
+  loaders = {
+    "text_domains": lambda: datasets.text_domain_sequence(**sizes, seed=seed),
+    "bbc_class_incremental": lambda: datasets.bbc_class_incremental(
+      d.get("splits", datasets.tasks.BBC_CLASS_INCREMENTAL), **sizes, seed=seed
+    ),
+    "split_fashion_mnist": lambda: datasets.split_fashion_mnist(**sizes, seed=seed),
+  }
+  if d.name not in loaders:
+    raise ShareError(f"unknown data.name {d.name!r}; known: {sorted(loaders)}")
+  try:
+    return loaders[d.name]()[: d.num_tasks or None], "real data"
+  except FileNotFoundError as e:
+    if not config.quick:
+      raise
+    make = (
+      synthetic.synthetic_image_tasks
+      if d.name == "split_fashion_mnist"
+      else synthetic.synthetic_text_tasks
+    )
+    tasks = make(
+      d.num_tasks or 3, n_train=d.n_train_per_class, n_test=d.n_test_per_class, seed=seed
+    )
+    return tasks, f"SYNTHETIC data (the real dataset is missing: {e})"
+
+
+def make_backbone(config) -> backbones.Backbone:
+  """The config's backbone, with ``config.target`` checked against its parameters."""
+  kwargs = {k: v for k, v in config.backbone.items() if k != "name"}
+  name = config.backbone.name
+  if name == "minilm":
+    backbone = backbones.minilm_backbone(**kwargs)
+  elif name == "tiny_bert":
+    backbone = backbones.tiny_bert_backbone(**kwargs)
+  elif name == "vit":
+    try:
+      vision = importlib.import_module(VISION)
+    except ModuleNotFoundError as e:
+      raise ShareError(f"backbone 'vit' needs {VISION}.vit_backbone, not available: {e}") from e
+    backbone = vision.vit_backbone(**kwargs)
+  else:
+    raise ShareError(f"unknown backbone.name {name!r}; known: minilm, tiny_bert, vit")
+  if config.target:
+    backbone = dataclasses.replace(backbone, target=config.target)
+  try:
+    select_kernels(backbone.params, backbone.target)
+  except ShareError as e:
+    raise ShareError(f"backbone {backbone.name}: {e}") from None
+  return backbone
+
+
+def accuracy_matrix(method: Method, tasks: list[EncodedTask]) -> np.ndarray:
+  """R (T, T) in percent: after each task, every task seen so far (joint methods: last row)."""
+  t = len(tasks)
+  r = np.full((t, t), np.nan)
+  if method.joint:
+    method.learn_all(tasks)
+    r[-1] = [100 * method.evaluate(j, task) for j, task in enumerate(tasks)]
+    return r
+  for i, task in enumerate(tasks):
+    method.learn(i, task)
+    for j in range(i + 1):
+      reuse = method.static_old_tasks and j < i
+      r[i, j] = r[i - 1, j] if reuse else 100 * method.evaluate(j, tasks[j])
+  return r
+
+
+def reference_diagonal(matrices: dict[str, np.ndarray]) -> np.ndarray | None:
+  """Isolated per-task accuracies for FWT: per-task LoRA, else head-only."""
+  for name in ("lora_per_task", "head_only"):
+    if name in matrices:
+      return np.diag(matrices[name])
+  return None
+
+
+def machine() -> str:
+  return f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Runs ``config.methods`` in order; returns what it writes to ``workdir/results.json``."""
+  config = resolve(config)
+  unknown = sorted(set(config.methods) - METHODS.keys())
+  if unknown:
+    raise ShareError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  start, cpu_start = time.time(), time.process_time()
+  raw, note = load_tasks(config)
+  for task in raw:
+    check_task(task)
+  backbone = make_backbone(config)
+  print(f"backbone {backbone.name}, target {backbone.target!r}; {note}", flush=True)
+  tasks = [encode_task(backbone, t) for t in tqdm(raw, desc="encode", leave=False)]
+  encode_s = time.time() - start
+  ctx = Context(backbone, config, config.seed)
+  matrices, walls, methods = {}, {}, {}
+  for name in config.methods:
+    t0, c0 = time.time(), time.process_time()
+    methods[name] = METHODS[name](ctx)
+    matrices[name] = accuracy_matrix(methods[name], tasks)
+    walls[name] = time.time() - t0, time.process_time() - c0
+    print(f"{name}: final row {np.round(matrices[name][-1], 1).tolist()}", flush=True)
+  reference = reference_diagonal(matrices)
+  results = {
+    name: report.method_result(methods[name], matrices[name], *walls[name], reference)
+    for name in config.methods
+  }
+  out = {
+    "methods": results,
+    "tasks": [t.name for t in raw],
+    "data": note,
+    "backbone": backbone.name,
+    "target": backbone.target,
+    "units": "accuracies in percent; bytes as float32",
+    "fwt_reference": next((n for n in ("lora_per_task", "head_only") if n in matrices), None),
+    "encode_s": round(encode_s, 1),
+    "total_s": round(time.time() - start, 1),
+    "total_cpu_s": round(time.process_time() - cpu_start, 1),
+    "machine": machine(),
+    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    "config": config.to_dict(),
+  }
+  (workdir / "results.json").write_text(json.dumps(out, indent=1, default=list))
+  plot_accuracy(matrices, out["tasks"], workdir / "accuracy.png")
+  print(report.table(results))
+  ratios = report.parameter_ratios(results)
+  if ratios:
+    print(ratios)
+  print(
+    f"{note}; total {out['total_s']:.0f} s wall, {out['total_cpu_s']:.0f} s CPU; "
+    f"wrote {workdir / 'results.json'}",
+    flush=True,
+  )
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point (``share-jax run`` calls it): ``argv`` are the flags, default
+  ``sys.argv[1:]``. Returns the exit status."""
+  full = ["share_jax.run", *(sys.argv[1:] if argv is None else argv)]
+  saved, sys.argv = sys.argv, full  # config_flags finds the --config.* overrides in sys.argv
+  try:
+    rest = flags.FLAGS(full)
+  finally:
+    sys.argv = saved
+  if len(rest) > 1:
+    raise SystemExit(f"unexpected arguments {rest[1:]}")
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise SystemExit("usage: python -m share_jax.run --config configs/NAME.py --workdir DIR")
+  run(_CONFIG.value, _WORKDIR.value)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

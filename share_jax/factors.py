@@ -1,0 +1,30 @@
+"""LoRA factors as side columns, stacked per group: the input of every merge and projection."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from share_jax.lora import LoRA
+from share_jax.subspace import Layout
+
+
+def factor_columns(lora: LoRA) -> dict[str, np.ndarray]:
+  """Side ``a``: a (d_in, r); side ``b``: (b · scale)ᵀ (d_out, r), as float32 host arrays."""
+  a = np.asarray(lora.a, np.float32)
+  b = np.asarray(lora.b, np.float32) * np.float32(lora.scale)
+  return {"a": a, "b": b.T}
+
+
+def stack_factors(layout: Layout, tasks: list[dict], m_cap: int, p: int) -> dict[str, tuple]:
+  """``{group: (x (m_cap, L, d, p), ncols (m_cap, L))}`` from the tasks' LoRA leaves."""
+  out = {
+    g: (np.zeros((m_cap, n, d, p), np.float32), np.zeros((m_cap, n), np.int32))
+    for g, (d, n) in layout.groups.items()
+  }
+  for i, leaves in enumerate(tasks):
+    for path, lora in leaves.items():
+      for side, cols in factor_columns(lora).items():
+        g, row = layout.slots[(path, side)]
+        out[g][0][i, row, :, : cols.shape[1]] = cols
+        out[g][1][i, row] = cols.shape[1]
+  return out
