@@ -38,9 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import share_jax as sj
-from share_jax import core
-from share_jax.lora import nest
+from share_jax import _driver as core
+from share_jax._factors import factor_columns
 from share_jax.merge import merge_group, mm
+from share_jax.paths import nest
 
 # ----------------------------------------------------------------------------- problem
 
@@ -359,7 +360,7 @@ def slot_stacks(sub: sj.Subspace, new: dict, shape: Shape) -> Callable[[int], np
     kk = int(rank[row])
     c = coef[:t, row, :kk, : shape.r]  # (T, k, r): every task here has rank r
     old = basis[row, :, :kk] @ c.transpose(1, 0, 2).reshape(kk, t * shape.r)
-    return np.concatenate([old, core.factor_columns(new_leaves[path])[side]], axis=1)
+    return np.concatenate([old, factor_columns(new_leaves[path])[side]], axis=1)
 
   return get
 

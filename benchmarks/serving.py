@@ -27,7 +27,8 @@ import numpy as np
 import share_jax as sj
 from benchmarks.results_file import write_section
 from share_jax.experiments.models import BertEncoder, load_bert_params, minilm_path, tiny_config
-from share_jax.lora import nest, select_kernels
+from share_jax.lora import select_kernels
+from share_jax.paths import nest
 from share_jax.serving import mixed_task_apply
 
 HEADING = "## Mixed-task serving (issue 5)"

@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,7 +39,17 @@ from share_jax.experiments import backbones, training
 from share_jax.lora import apply_lora, select_kernels
 from share_jax.paths import as_predicate, flatten_with_paths
 from share_jax.subspace import SIDES
-from share_jax.train import optimizer_bytes, trained_factors
+from share_jax.train import trained_factors
+
+
+def optimizer_bytes(opt_state: Any) -> int:
+  """Bytes held by an optimizer state's arrays."""
+  return sum(
+    int(np.prod(x.shape)) * x.dtype.itemsize
+    for x in jax.tree.leaves(opt_state)
+    if hasattr(x, "dtype")
+  )
+
 
 HEADING = "## ε-only step vs LoRA step (issue 3/5)"
 NUM_CLASSES = 4

@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from share_jax.factors import stack_factors
-from share_jax.lora import LoRA, add_deltas, nest
+from share_jax._factors import stack_factors
+from share_jax._validation import as_tasks, check_params, check_tasks
+from share_jax.lora import LoRA, add_deltas
 from share_jax.merge import mm, project_group, side_factors
+from share_jax.paths import nest
 from share_jax.subspace import SIDES, Layout, Subspace
-from share_jax.validation import as_tasks, check_params, check_tasks
 
 
 def project(subspace: Subspace, lora_tree: Any) -> dict[str, jax.Array]:

@@ -27,12 +27,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from share_jax._validation import check_params
 from share_jax._version import __version__
 from share_jax.errors import ShareError
-from share_jax.lora import nest
-from share_jax.paths import flatten_with_paths
+from share_jax.paths import flatten_with_paths, nest
 from share_jax.subspace import FactorGroup, KernelSpec, Layout, Subspace, SubspaceConfig
-from share_jax.validation import check_params
 
 FORMAT = "share_jax.subspace"
 FORMAT_VERSION = 1

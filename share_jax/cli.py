@@ -17,7 +17,8 @@ import numpy as np
 from share_jax.checkpoint import Checkpointer, CheckpointError, digest
 from share_jax.errors import ShareError
 from share_jax.ingest import absorb, init_subspace
-from share_jax.lora import lora_leaves, nest
+from share_jax.lora import lora_leaves
+from share_jax.paths import nest
 from share_jax.peft_io import SCHEMES, PeftAdapter, export_task, read_adapter
 from share_jax.storage import storage
 from share_jax.subspace import Subspace

@@ -1,5 +1,4 @@
-"""Building and growing a subspace: init_subspace, empty_subspace, absorb and the merge driver
-that plans capacities (power-of-two buckets) and calls the jitted per-group merge."""
+"""Building and growing a subspace from LoRAs: init_subspace, empty_subspace, absorb."""
 
 from __future__ import annotations
 
@@ -9,37 +8,21 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from share_jax.factors import stack_factors
-from share_jax.lora import select_kernels
-from share_jax.merge import Rule, merge_group
-from share_jax.paths import Target
-from share_jax.subspace import FactorGroup, KernelSpec, Layout, Subspace, SubspaceConfig
-from share_jax.validation import (
+from share_jax._driver import bucket, merge_columns
+from share_jax._factors import stack_factors
+from share_jax._validation import (
   LoRAs,
   as_tasks,
   check_new_task_ids,
   check_tasks,
   layout_from_params,
 )
-
-_MIN_K = 8
-
-
-def bucket(n: int) -> int:
-  """The smallest power of two >= n (>= 1): capacity sizes that rarely change."""
-  return 1 << max(n - 1, 0).bit_length()
+from share_jax.lora import select_kernels
+from share_jax.paths import Target
+from share_jax.subspace import FactorGroup, KernelSpec, Layout, Subspace, SubspaceConfig
 
 
-def _grow(group: FactorGroup, t_cap: int, p_cap: int) -> FactorGroup:
-  """Zero-pad the task and column capacities of a group."""
-  t, _, _, p = group.coef.shape
-  if (t, p) == (t_cap, p_cap):
-    return group
-  coef = jnp.pad(group.coef, ((0, t_cap - t), (0, 0), (0, 0), (0, p_cap - p)))
-  return group.replace(coef=coef, ncols=jnp.pad(group.ncols, ((0, t_cap - t), (0, 0))))
-
-
-def empty_like(layout: Layout, config: SubspaceConfig, task_capacity: int = 1) -> Subspace:
+def _empty_like(layout: Layout, config: SubspaceConfig, task_capacity: int = 1) -> Subspace:
   """A subspace with no task and empty bases (k = 0) over ``layout``."""
   groups = {g: _empty_group(d, n, bucket(task_capacity)) for g, (d, n) in layout.groups.items()}
   return Subspace.create(groups, layout, (), config)
@@ -63,7 +46,7 @@ def empty_subspace(
     KernelSpec(p, tuple(int(s) for s in w.shape), str(jnp.dtype(w.dtype)))
     for p, w in sorted(kernels.items())
   )
-  return empty_like(Layout(specs), config, task_capacity)
+  return _empty_like(Layout(specs), config, task_capacity)
 
 
 def _empty_group(d: int, n: int, t_cap: int) -> FactorGroup:
@@ -75,41 +58,6 @@ def _empty_group(d: int, n: int, t_cap: int) -> FactorGroup:
     scatter=jnp.zeros((n, 0, 0), jnp.float32),
     energy=jnp.ones((n,), jnp.float32),
   )
-
-
-def merge_columns(
-  subspace: Subspace,
-  task_ids: Sequence[Hashable],
-  columns: Mapping[str, tuple[Any, Any]],
-  config: SubspaceConfig | None = None,
-) -> Subspace:
-  """Fold new tasks, given as factor columns ``{group: (x (m, L, d, p), ncols (m, L))}``, into the
-  bases; every stored task is re-projected. Callers validate ids and shapes."""
-  config = config or subspace.config
-  t0, m = subspace.num_tasks, len(task_ids)
-  m_cap = bucket(m)
-  _, t_cur, p_cur = next(iter(subspace.groups.values())).capacity
-  p_new = max(x.shape[-1] for x, _ in columns.values())
-  t_cap, p_cap = max(t_cur, bucket(t0 + m_cap)), max(p_cur, bucket(p_new))
-  start = jnp.asarray(t0, jnp.int32)
-  groups = {}
-  for g, group in subspace.groups.items():
-    d, _ = subspace.layout.groups[g]
-    rule = Rule(float(config.explained_variance), config.k, config.limit(d), config.center)
-    group = _grow(group, t_cap, p_cap)
-    x, ncols = columns[g]
-    x = jnp.pad(
-      jnp.asarray(x, jnp.float32), ((0, m_cap - m), (0, 0), (0, 0), (0, p_cap - x.shape[-1]))
-    )
-    ncols = jnp.pad(jnp.asarray(ncols, jnp.int32), ((0, m_cap - m), (0, 0)))
-    k_out = rule.limit if config.k is not None else max(group.capacity[0], min(rule.limit, _MIN_K))
-    merged, want = merge_group(group, x, ncols, start, k_out=k_out, rule=rule)
-    need = int(jnp.max(want))
-    if need > k_out:
-      k_out = min(rule.limit, bucket(need))
-      merged, _ = merge_group(group, x, ncols, start, k_out=k_out, rule=rule)
-    groups[g] = merged
-  return subspace.with_tasks(groups, task_ids, config)
 
 
 def _merge(
@@ -149,7 +97,7 @@ def init_subspace(
   tasks = as_tasks(loras, task_ids)
   layout = layout_from_params(params, tasks)
   check_tasks(layout, tasks)
-  return _merge(empty_like(layout, config, task_capacity), tasks, config)
+  return _merge(_empty_like(layout, config, task_capacity), tasks, config)
 
 
 def absorb(

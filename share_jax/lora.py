@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from share_jax.errors import ShareError
-from share_jax.paths import Target, as_predicate, flatten_with_paths, join_path, leaf_shape
+from share_jax.paths import Target, as_predicate, flatten_with_paths, join_path, leaf_shape, nest
 
 
 @jax.tree_util.register_dataclass
@@ -59,18 +59,6 @@ def select_kernels(params: Any, target: Target) -> dict[str, jax.Array]:
   if not chosen:
     raise ShareError(f"target {target!r} selects no 2-D kernel of the parameter tree")
   return chosen
-
-
-def nest(leaves: dict[str, Any]) -> dict:
-  """A nested dict holding ``leaves`` at their joined paths (other paths simply absent)."""
-  out: dict = {}
-  for path, leaf in leaves.items():
-    node = out
-    *parents, last = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[last] = leaf
-  return out
 
 
 def init_lora_tree(

@@ -40,3 +40,15 @@ def as_predicate(target: Target) -> Callable[[str, Any], bool]:
     return target
   pattern = re.compile(target)
   return lambda path, _leaf: pattern.search(path) is not None
+
+
+def nest(leaves: dict[str, Any]) -> dict:
+  """A nested dict holding ``leaves`` at their joined paths (other paths simply absent)."""
+  out: dict = {}
+  for path, leaf in leaves.items():
+    node = out
+    *parents, last = path.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = leaf
+  return out

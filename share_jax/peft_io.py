@@ -26,8 +26,8 @@ import safetensors.numpy
 
 from share_jax.apply import reconstruct
 from share_jax.errors import ShareError
-from share_jax.lora import LoRA, lora_leaves, nest
-from share_jax.paths import flatten_with_paths
+from share_jax.lora import LoRA, lora_leaves
+from share_jax.paths import flatten_with_paths, nest
 from share_jax.subspace import Subspace
 
 CONFIG_FILE = "adapter_config.json"

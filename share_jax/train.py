@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from share_jax._driver import merge_columns
+from share_jax._validation import check_new_task_ids, check_params
 from share_jax.apply import apply_factors
 from share_jax.errors import ShareError
-from share_jax.ingest import merge_columns
 from share_jax.merge import mm, scatter_factor, side_factors
 from share_jax.subspace import Layout, Subspace
-from share_jax.validation import check_new_task_ids, check_params
 
 
 @flax.struct.dataclass
@@ -191,12 +191,3 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
     groups[g] = grp.replace(coef=coef, scatter=scatter)
   out = subspace.replace(groups=groups)
   return out if trainable.head is None else out.with_head(task_id, trainable.head)
-
-
-def optimizer_bytes(opt_state: Any) -> int:
-  """Bytes held by an optimizer state's arrays."""
-  return sum(
-    int(np.prod(x.shape)) * x.dtype.itemsize
-    for x in jax.tree.leaves(opt_state)
-    if hasattr(x, "dtype")
-  )

@@ -8,7 +8,7 @@ import numpy as np
 
 import share_jax as sj
 from share_jax.experiments.models.bert import BertEncoder, tiny_config
-from share_jax.lora import nest
+from share_jax.paths import nest
 from share_jax.peft_io import write_adapter
 
 # Kernels a query/value/output.dense LoRA adapts in ``tiny_config()`` (H=32, FFN 64, 2 layers).

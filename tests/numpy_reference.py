@@ -85,7 +85,7 @@ class Planted:
       a += self.noise * self.rng.normal(size=a.shape)
       b += self.noise * self.rng.normal(size=b.shape)
       leaves[path] = sj.LoRA(a.astype(dtype), b.T.astype(dtype), alpha)
-    from share_jax.lora import nest
+    from share_jax.paths import nest
 
     return nest(leaves)
 

@@ -16,7 +16,7 @@ from numpy_reference import (
 )
 
 import share_jax as sj
-from share_jax import apply, ingest, merge
+from share_jax import _driver, apply, merge
 from share_jax.subspace import SIDES
 
 
@@ -169,7 +169,7 @@ def test_adding_tasks_does_not_recompile_merge_projection_or_apply(monkeypatch):
     chex.assert_max_traces(merge.merge_group.__wrapped__, n=n_groups),
     static_argnames=("k_out", "rule"),
   )
-  monkeypatch.setattr(ingest, "merge_group", traced)
+  monkeypatch.setattr(_driver, "merge_group", traced)
   apply_traced = jax.jit(
     chex.assert_max_traces(apply._task_params.__wrapped__, n=1), static_argnames=("layout",)
   )

@@ -7,7 +7,7 @@ import pytest
 from numpy_reference import Planted
 
 import share_jax as sj
-from share_jax.lora import nest
+from share_jax.paths import nest
 
 
 @pytest.fixture(scope="module")

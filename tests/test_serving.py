@@ -9,7 +9,8 @@ import pytest
 
 import share_jax as sj
 from share_jax.experiments.models import BertEncoder, ViT, ViTConfig, tiny_config
-from share_jax.lora import nest, select_kernels
+from share_jax.lora import select_kernels
+from share_jax.paths import nest
 from share_jax.serving import mixed_task_apply, task_indices
 
 TASKS = ["t0", "t1", "t2", 3, 4]

@@ -18,7 +18,7 @@ import sharded_run
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from share_jax import ShareError, ingest, merge, sharding, train
+from share_jax import ShareError, _driver, merge, sharding, train
 
 DEVICES = 8
 COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)")
@@ -78,7 +78,7 @@ def test_sharded_absorb_equals_unsharded_without_collectives(mesh, monkeypatch):
     programs.append(merge.merge_group.lower(*args, **kwargs).compile().as_text())
     return merge.merge_group(*args, **kwargs)
 
-  monkeypatch.setattr(ingest, "merge_group", spy)
+  monkeypatch.setattr(_driver, "merge_group", spy)
   merged = sharded_run.sharded_merge(mesh)
   assert programs and not [COLLECTIVE.findall(p) for p in programs if COLLECTIVE.search(p)]
   # Layers stay split: each device holds 2 of group d24's 16 rows; L = 1 groups are replicated.
