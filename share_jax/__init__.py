@@ -3,10 +3,18 @@
 from share_jax._version import __version__
 from share_jax.apply import apply_factors, project, reconstruct, task_params
 from share_jax.errors import ShareError, UnknownTaskError
+from share_jax.fidelity import task_errors
 from share_jax.ingest import absorb, empty_subspace, init_subspace
 from share_jax.lora import LoRA, apply_lora, init_lora_tree, lora_leaves
 from share_jax.storage import Storage, storage
-from share_jax.subspace import FactorGroup, Layout, Subspace, SubspaceConfig
+from share_jax.subspace import (
+  FactorGroup,
+  FidelityError,
+  FidelityWarning,
+  Layout,
+  Subspace,
+  SubspaceConfig,
+)
 from share_jax.train import (
   TaskState,
   adapted_params,
@@ -20,6 +28,8 @@ from share_jax.train import (
 __all__ = [
   "__version__",
   "FactorGroup",
+  "FidelityError",
+  "FidelityWarning",
   "Layout",
   "LoRA",
   "ShareError",
@@ -44,5 +54,6 @@ __all__ = [
   "project",
   "reconstruct",
   "storage",
+  "task_errors",
   "task_params",
 ]

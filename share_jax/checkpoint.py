@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from share_jax._validation import check_params
 from share_jax._version import __version__
 from share_jax.errors import ShareError
+from share_jax.fidelity import relative_errors
 from share_jax.paths import flatten_with_paths, nest
 from share_jax.subspace import FactorGroup, KernelSpec, Layout, Subspace, SubspaceConfig
 
@@ -99,6 +100,8 @@ def _flat_arrays(subspace: Subspace) -> dict[str, jax.Array]:
   for g, group in subspace.groups.items():
     for f in dataclasses.fields(group):
       out[f"groups/{g}/{f.name}"] = jnp.asarray(getattr(group, f.name))
+  for name in ("norm", "error"):  # the fidelity record; ids travel in the metadata
+    out[f"tasks/{name}"] = getattr(subspace.tasks, name)
   for i, t in enumerate(subspace.task_ids):
     if t in subspace.heads:
       for path, x in _head_leaves(t, subspace.heads[t]).items():
@@ -116,6 +119,7 @@ def _meta(subspace: Subspace, arrays: dict, task_meta: list, base: dict | None) 
     "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "task_ids": list(subspace.task_ids),
     "task_meta": task_meta,
+    "task_errors": [float(e) for e in relative_errors(subspace)],
     "config": dataclasses.asdict(subspace.config),
     "layout": [
       {"path": s.path, "shape": list(s.shape), "dtype": s.dtype} for s in subspace.layout.kernels
@@ -144,6 +148,7 @@ def _subspace(meta: dict, arrays: dict[str, jax.Array]) -> Subspace:
     ),
     task_ids=task_ids,
     config=SubspaceConfig(**meta["config"]),
+    **tree.get("tasks", {}),  # absent before format 1.1: the stored ΔW counts as the original
   )
 
 
