@@ -1,9 +1,15 @@
-"""Synthetic task sequences for smoke runs when the dataset packages are not installed."""
+"""Synthetic data: task sequences for smoke runs when the dataset packages are not installed,
+and random LoRA trees for tests and benchmarks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
 import numpy as np
 
+import share_jax as sj
 from share_jax.experiments.data import Task
 
 _NOISE_WORDS = 40
@@ -51,3 +57,28 @@ def synthetic_image_tasks(
     names = tuple(f"class{c}" for c in range(num_classes))
     tasks.append(Task(f"synthetic_image_{t}", x_train, y_train, x_test, y_test, names))
   return tasks
+
+
+def random_loras(
+  params: Any,
+  target: str | Callable[[str, Any], bool],
+  n: int,
+  *,
+  rank: int,
+  seed: int,
+  b_scale: float = 1.0,
+) -> list[dict]:
+  """``n`` LoRA trees on the kernels ``target`` selects, float32, both factors non-zero:
+  a ~ N(0, 1/d_in) (d_in, rank), b ~ N(0, b_scale²/rank) (rank, d_out)."""
+  rng = np.random.default_rng(seed)
+  kernels = sj.select_kernels(params, target)
+  trees = []
+  for _ in range(n):
+    leaves = {}
+    for path, w in kernels.items():
+      d_in, d_out = w.shape
+      a = rng.normal(size=(d_in, rank)) / np.sqrt(d_in)
+      b = b_scale * rng.normal(size=(rank, d_out)) / np.sqrt(rank)
+      leaves[path] = sj.LoRA(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    trees.append(sj.nest(leaves))
+  return trees
