@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from share_jax._profiling import phase
 from share_jax.lora import LoRA
-from share_jax.profiling import phase
 from share_jax.subspace import Layout
 
 
