@@ -12,6 +12,7 @@ PUBLIC_MODULES = (
   "sharding",
   "serving",
   "profiling",
+  "diagnostics",
   "cli",
   "experiments",
 )
