@@ -25,9 +25,9 @@ from lora_adapters import kernel_zeros, random_lora
 import share_jax as sj
 from share_jax.checkpoint import (
   FORMAT_VERSION,
-  CheckpointMeta,
   Checkpointer,
   CheckpointError,
+  CheckpointMeta,
   fingerprint,
   fingerprint_diff,
 )
@@ -248,46 +248,58 @@ def _lines(path: Path) -> list[str]:
   return path.read_text().split() if path.exists() else []
 
 
+def _partial(directory: Path) -> bool:
+  """Whether a killed writer left a temporary or trash directory behind."""
+  return any(not p.name.isdigit() and p.name != ".lock" for p in directory.iterdir())
+
+
 def test_sigkill_mid_save_keeps_every_version(tmp_path, request):
-  """SIGKILL a saving process at random moments, mostly mid-save; every listed version must
-  restore exactly, and the directory must stay usable."""
+  """SIGKILL a saving process at random moments, and (every other time) from inside at the
+  moment a version is being written; every listed version must restore exactly, and the
+  directory must stay usable."""
   directory, rng = tmp_path / "ckpt", np.random.default_rng(0)
   ctx = multiprocessing.get_context("forkserver")
   ctx.set_forkserver_preload(["share_jax.checkpoint"])
   request.addfinalizer(multiprocessing.forkserver._forkserver._stop)  # else it outlives the test
-  saved, kills, interrupted = 0, 0, 0
-  for kills in range(1, 16):
+  saved, kills, interrupted, mid_write = 0, 0, 0, 0
+  for kills in range(1, 13):
     progress = tmp_path / f"progress{kills}"
-    worker = ctx.Process(target=save_forever, args=(str(directory), str(progress)))
+    wanted = int(rng.integers(0, 3))  # completed saves (in this process) before the kill window
+    inside = kills % 2 == 0  # the worker kills itself mid-write after ``wanted`` saves
+    worker = ctx.Process(
+      target=save_forever, args=(str(directory), str(progress), wanted if inside else None)
+    )
     worker.start()
-    wanted = rng.integers(0, 3)  # completed saves (in this process) before the kill window
     deadline = time.monotonic() + 60
-    while len(_lines(progress)) <= wanted and worker.is_alive():
+    while not inside and len(_lines(progress)) <= wanted and worker.is_alive():
       assert time.monotonic() < deadline, "the worker stopped saving"
       time.sleep(0.005)
-    time.sleep(rng.uniform(0.0, 0.2))
-    worker.kill()
-    worker.join()
+    if not inside:
+      time.sleep(rng.uniform(0.0, 0.2))
+      worker.kill()
+    worker.join(timeout=120)
     assert worker.exitcode == -signal.SIGKILL
+    mid_write += inside
     saved = max([saved, *(int(v) for v in _lines(progress)[1:])])
     ckpt = Checkpointer(directory)
     versions = ckpt.versions()
+    partial = _partial(directory)
+    assert partial or not inside  # a kill from inside always lands mid-write
+    interrupted += partial
     if not versions:  # killed before any save completed
       assert saved == 0
       continue
-    interrupted += any(not p.name.isdigit() for p in directory.iterdir())
     # versions are contiguous, include every completed save, and retention holds
     assert versions == list(range(versions[0], versions[-1] + 1))
     assert versions[-1] >= saved and len(versions) <= MAX_TO_KEEP + 1
     for v in versions:
       assert_same(ckpt.restore(v), subspace_for(v))
       assert ckpt.metadata(v).task_meta[0] == {"version": v}
-  print(f"{kills} kills, {interrupted} left partial writes, {saved} saves completed")
+  print(f"{kills} kills ({mid_write} from inside), {interrupted} partial, {saved} saves completed")
   assert saved > MAX_TO_KEEP  # completed saves between the kills, so retention deleted too
-  assert interrupted >= 1  # some kills landed mid-write (temporary or trash directories left)
+  assert interrupted >= mid_write >= 6
   with Checkpointer(directory, max_to_keep=MAX_TO_KEEP) as ckpt:
     version = ckpt.save(subspace_for(saved + 100))
     assert len(ckpt.versions()) == MAX_TO_KEEP
     assert_same(ckpt.restore(version), subspace_for(saved + 100))
-  leftovers = [p.name for p in directory.iterdir() if not p.name.isdigit()]
-  assert leftovers == []  # no temporary or trash directories once a writer has run
+  assert not _partial(directory)  # no temporary or trash directories once a writer has run
