@@ -11,11 +11,13 @@ import numpy as np
 from share_jax.errors import ShareError
 from share_jax.lora import LoRA, lora_leaves
 from share_jax.paths import flatten_with_paths, leaf_shape
+from share_jax.profiling import phase
 from share_jax.subspace import KernelSpec, Layout, Subspace
 
 LoRAs = Sequence[Any] | Mapping[Hashable, Any]
 
 
+@phase("validate")
 def as_tasks(loras: LoRAs, task_ids: Sequence[Hashable] | None) -> list[tuple[Hashable, dict]]:
   """``[(task id, {path: LoRA})]`` from a sequence or a mapping of LoRA trees."""
   if isinstance(loras, Mapping):
@@ -83,6 +85,7 @@ def check_factors(task: Hashable, path: str, lora: LoRA, shape: tuple[int, int])
     raise ShareError(f"task {task!r}, {path!r}: LoRA factors contain NaN or Inf")
 
 
+@phase("validate")
 def check_tasks(layout: Layout, tasks: list[tuple[Hashable, dict]]) -> None:
   want = set(layout.paths)
   for t, leaves in tasks:
@@ -96,6 +99,7 @@ def check_tasks(layout: Layout, tasks: list[tuple[Hashable, dict]]) -> None:
       check_factors(t, path, lora, layout.spec(path).shape)
 
 
+@phase("validate")
 def layout_from_params(params: Any, tasks: list[tuple[Hashable, dict]]) -> Layout:
   kernels = flatten_with_paths(params)
   first_task, first = tasks[0]
@@ -134,6 +138,7 @@ def check_params(params: Any, layout: Layout) -> dict[str, Any]:
   return leaves
 
 
+@phase("validate")
 def check_new_task_ids(subspace: Subspace, task_ids: Sequence[Hashable]) -> None:
   """An error naming any id the subspace already holds."""
   for t in task_ids:

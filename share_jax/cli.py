@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from share_jax import diagnostics
 from share_jax.checkpoint import Checkpointer, CheckpointError, digest
 from share_jax.errors import ShareError
 from share_jax.ingest import absorb, init_subspace
@@ -169,8 +170,32 @@ def _info(ckpt: Checkpointer, version: int | None) -> dict:
   }
 
 
+def _diagnostics(ckpt: Checkpointer, version: int | None, directory: str) -> dict:
+  """Writes the diagnostic plots and numbers (``share_jax.diagnostics``) into ``directory``."""
+  return diagnostics.write_report(ckpt.restore(version), directory)
+
+
+def _print_diagnostics(numbers: dict, directory: str) -> None:
+  print(f"diagnostics in {directory}: explained_variance.png, similarity_*.png, diagnostics.json")
+  for fraction, ks in numbers["k_for"].items():
+    k = np.asarray(list(ks.values()))
+    print(
+      f"  k to keep {float(fraction):.0%} of the factor energy: median {np.median(k):g}, "
+      f"max {k.max()} over {k.size} kernel sides"
+    )
+  for measure in diagnostics.MEASURES:
+    print(
+      f"  task similarity ({measure}), mean off-diagonal {numbers[f'mean_offdiagonal_{measure}']}:"
+    )
+    for task, row in zip(numbers["tasks"], numbers[f"similarity_{measure}"], strict=True):
+      print(f"    {task:>12} " + " ".join(f"{v:5.2f}" for v in row))
+
+
 def cmd_info(args) -> int:
-  info = _info(_existing(args.ckpt), args.version)
+  ckpt = _existing(args.ckpt)
+  info = _info(ckpt, args.version)
+  if args.plot:
+    info["diagnostics"] = _diagnostics(ckpt, info["version"], args.plot)
   if args.json:
     print(json.dumps(info, indent=2))
     return 0
@@ -187,6 +212,8 @@ def cmd_info(args) -> int:
     f"{s['lora_bytes']:,} bytes as LoRAs; per task {s['ratio_per_task']:.1f}x smaller, "
     f"{s['ratio_with_bases']:.2f}x with bases"
   )
+  if args.plot:
+    _print_diagnostics(info["diagnostics"], args.plot)
   return 0
 
 
@@ -280,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("ckpt", metavar="CKPT")
   p.add_argument("--version", type=int, help="default: latest")
   p.add_argument("--json", action="store_true", help="print JSON")
+  p.add_argument(
+    "--plot", metavar="DIR", help="write explained-variance and task-similarity plots (PNG) here"
+  )
 
   p = verb("versions", cmd_versions, "list the versions of a checkpoint")
   p.add_argument("ckpt", metavar="CKPT")
