@@ -143,7 +143,7 @@ def parse(obj: Any, where: str) -> CheckpointMeta:
     raise CheckpointError(f"{where} is corrupted: its metadata fails its checksum (edited?)")
   try:
     return _record(body)
-  except Invalid as e:
+  except (Invalid, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
     raise CheckpointError(f"{where} is corrupted: invalid metadata ({e})") from None
 
 
@@ -242,7 +242,9 @@ def _arrays(items: Any, layout: Layout, heads: list[int]) -> dict[str, ArrayReco
   for g, (d, n) in layout.groups.items():
     basis = out.get(f"groups/{g}/basis")
     need(basis is not None and basis.shape[:2] == (n, d), f"groups/{g}/basis does not fit (L, d)")
-  with_heads = {int(p.split("/")[1]) for p in out if p.startswith("heads/")}
+  with_heads = {p.split("/")[1] for p in out if p.startswith("heads/")}
+  need(all(i.isdigit() for i in with_heads), f"head arrays {sorted(with_heads)}")
+  with_heads = {int(i) for i in with_heads}
   need(with_heads <= set(heads), f"head arrays of tasks {sorted(with_heads - set(heads))}")
   return out
 

@@ -276,3 +276,35 @@ def test_saved_arrays_are_every_leaf_by_key_path(saved):
   leaves = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(s)[0]}
   assert len(meta.arrays) == len(leaves)
   assert set(meta.arrays) >= {f"groups/d256/{f}" for f in ("basis", "coef", "rank", "scatter")}
+
+
+def _paths(node):
+  """Every (container, key) position of a JSON tree."""
+  items = node.items() if isinstance(node, dict) else enumerate(node)
+  for key, value in list(items):
+    yield node, key
+    if isinstance(value, dict | list) and value:
+      yield from _paths(value)
+
+
+def test_random_structural_edits_with_a_valid_checksum_never_raise_raw_errors(saved):
+  """Rewritten metadata (checksum recomputed): any value replaced by a value of another type is
+  read back or refused as a CheckpointError, never a raw Python error."""
+  path = meta_file(saved, 2)
+  original = path.read_text()
+  rng = np.random.default_rng(1)
+  replacements = [None, -1, 0, 7, 1.5, True, "x", "float36", [], {}, [1, 2], {"a": 1}]
+  for _ in range(40):
+    path.write_text(original)
+
+    def edit(meta):
+      positions = [p for p in _paths(meta) if p[1] not in ("format", "format_version")]
+      node, key = positions[rng.integers(len(positions))]
+      node[key] = replacements[rng.integers(len(replacements))]
+
+    rewrite(path, edit, fix_checksum=True)
+    try:
+      read_back(saved, 2)
+    except CheckpointError as e:
+      assert "version 2 in" in str(e)
+  path.write_text(original)
