@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from share_jax.errors import CheckpointError, ShareError
-from share_jax.paths import flatten_with_paths, nest
+from share_jax.paths import flatten_with_paths, join_path, nest
 from share_jax.subspace import SIDES, FactorGroup, KernelSpec, Layout, Subspace, SubspaceConfig
 
 FORMAT = "share_jax.subspace"
@@ -261,14 +261,13 @@ def subspace_arrays(subspace: Subspace) -> dict[str, jax.Array]:
   out = {}
   for name in _pytree_fields(Subspace):
     if name == "task_heads":
-      for i, (t, head) in enumerate(zip(subspace.task_ids, subspace.task_heads, strict=True)):
-        if head is None:
-          continue
+      for t, head in subspace.heads.items():
         leaves = flatten_with_paths(head)
         if jax.tree.structure(head) != jax.tree.structure(nest(leaves)):
           raise ShareError(
             f"head of task {t!r}: only nested dicts with str keys can be checkpointed"
           )
+        i = subspace.task_index(t)
         out.update({f"heads/{i}/{p}": jnp.asarray(x) for p, x in leaves.items()})
     else:
       for p, x in flatten_with_paths(getattr(subspace, name)).items():
@@ -277,25 +276,43 @@ def subspace_arrays(subspace: Subspace) -> dict[str, jax.Array]:
 
 
 def rebuild(meta: CheckpointMeta, arrays: dict[str, jax.Array]) -> Subspace:
-  """The subspace of ``meta`` from ``subspace_arrays``' output."""
+  """The subspace of ``meta`` from ``subspace_arrays``' output: groups from their fields, heads
+  by task index, and every other pytree field as ``Subspace.create`` builds it with each saved
+  leaf put back at its key path (so its node types need no knowledge here)."""
   tree = nest(arrays)
   heads = tree.pop("heads", {})
-  fields = {}
-  for name in _pytree_fields(Subspace):
-    if name == "groups":
-      fields[name] = {g: FactorGroup(**f) for g, f in tree.pop(name, {}).items()}
-    elif name != "task_heads":
-      fields[name] = tree.pop(name, None)
-  if tree:
-    raise TypeError(f"arrays of no Subspace field: {sorted(tree)}")
   subspace = Subspace.create(
-    groups=fields.pop("groups"),
+    groups={g: FactorGroup(**f) for g, f in tree.pop("groups", {}).items()},
     heads={meta.task_ids[i]: heads.get(str(i), {}) for i in meta.heads},
     layout=meta.layout,
     task_ids=meta.task_ids,
     config=meta.config,
   )
-  return subspace.replace(**fields) if fields else subspace
+  extra = [n for n in _pytree_fields(Subspace) if n not in ("groups", "task_heads")]
+  unknown = sorted(tree.keys() - set(extra))
+  if unknown:
+    raise TypeError(f"arrays of no Subspace field: {unknown}")
+  saved = {name: _put_back(getattr(subspace, name), name, arrays) for name in extra if name in tree}
+  return subspace.replace(**saved) if saved else subspace
+
+
+def _put_back(template: Any, name: str, arrays: dict[str, jax.Array]) -> Any:
+  """``template`` with each leaf replaced by the saved array at ``name/<its path>``."""
+  missing = []
+
+  def leaf(path, x):
+    key = f"{name}/{join_path(path)}" if path else name
+    if key not in arrays:
+      missing.append(key)
+      return x
+    if tuple(arrays[key].shape) != tuple(np.shape(x)):
+      raise TypeError(f"{key!r} is {tuple(arrays[key].shape)}, expected {tuple(np.shape(x))}")
+    return arrays[key]
+
+  out = jax.tree_util.tree_map_with_path(leaf, template)
+  if missing:
+    raise TypeError(f"arrays missing: {missing}")
+  return out
 
 
 def describe(
@@ -321,7 +338,7 @@ def describe(
       for (p, side), (g, row) in subspace.layout.slots.items()
     ),
     arrays={p: ArrayRecord(tuple(x.shape), x.dtype.name, sha256(x)) for p, x in arrays.items()},
-    heads=tuple(i for i, h in enumerate(subspace.task_heads) if h is not None),
+    heads=tuple(sorted(subspace.task_index(t) for t in subspace.heads)),
     base=base,
   )
 

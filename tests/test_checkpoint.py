@@ -52,8 +52,8 @@ def assert_same(a: sj.Subspace, b: sj.Subspace) -> None:
   assert a.task_ids == b.task_ids
   assert [type(t) for t in a.task_ids] == [type(t) for t in b.task_ids]
   assert (a.layout, a.config) == (b.layout, b.config)
-  assert jax.tree.structure(a.groups) == jax.tree.structure(b.groups)
-  for x, y in zip(jax.tree.leaves(a.groups), jax.tree.leaves(b.groups), strict=True):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):  # every array leaf
     assert x.dtype == y.dtype
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert a.heads.keys() == b.heads.keys()
