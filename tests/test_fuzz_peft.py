@@ -12,6 +12,7 @@ import pytest
 import safetensors.numpy
 from lora_adapters import write_random_adapter
 
+from share_jax.checkpoint import Checkpointer
 from share_jax.cli import main as cli
 from share_jax.errors import ShareError
 from share_jax.peft_io import CONFIG_FILE, WEIGHTS_FILE, AdapterMeta, export_task, read_adapter
@@ -150,3 +151,4 @@ def test_cli_absorb_of_other_kernels_names_them(tmp_path, capsys):
   assert "task 'qk' adapts a different set of kernels: unexpected ['layer_0/attention/key" in err
   assert "missing ['layer_0/attention/value/kernel'" in err
   assert "not in the base params" not in err
+  assert Checkpointer(ckpt).versions() == [1]  # nothing written
