@@ -4,6 +4,7 @@ subspace checkpoints, PEFT adapters out. Every error exits non-zero with one lin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -20,7 +21,7 @@ from share_jax.errors import ShareError
 from share_jax.ingest import absorb, init_subspace
 from share_jax.lora import lora_leaves
 from share_jax.paths import nest
-from share_jax.peft_io import SCHEMES, PeftAdapter, export_task, read_adapter
+from share_jax.peft_io import SCHEMES, AdapterMeta, PeftAdapter, export_task, read_adapter
 from share_jax.storage import storage
 from share_jax.subspace import Subspace
 
@@ -122,14 +123,13 @@ def cmd_absorb(args) -> int:
   with _existing(args.ckpt) as ckpt:
     meta = ckpt.metadata()
     subspace = ckpt.restore()
-    schemes = [m["peft"]["scheme"] for m in meta["task_meta"] if m and m.get("peft")]
+    peft = [AdapterMeta.parse(meta.meta_of(t), f"task {t!r}") for t in meta.task_ids]
+    schemes = [m.scheme for m in peft if m is not None]
     scheme = args.scheme or (schemes[0] if schemes else "hf_flax")
     ids = _task_ids(args, args.adapters)
-    adapters = _read(
-      args.adapters,
-      scheme,
-      _kernel_params({s.path: (s.shape, s.dtype) for s in subspace.layout.kernels}),
-    )
+    # kernels and shapes are checked against the subspace's layout by absorb (which names a
+    # different set of kernels as such), not against a stand-in holding only the adapted ones
+    adapters = _read(args.adapters, scheme)
     subspace = absorb(subspace, [a.lora for a in adapters], task_ids=ids, **_k_options(args))
     version = _save(ckpt, subspace, ids, adapters)
   print(f"{args.ckpt}: version {version}, {subspace.num_tasks} tasks (added {ids})")
@@ -145,7 +145,7 @@ def cmd_export(args) -> int:
     subspace,
     task,
     args.out,
-    meta=meta["task_meta"][subspace.task_index(task)],
+    meta=meta.meta_of(task),
     scheme=args.scheme,
     prefix=args.prefix,
     head_module=args.head_module,
@@ -160,12 +160,12 @@ def _info(ckpt: Checkpointer, version: int | None) -> dict:
   subspace = ckpt.restore(version)
   return {
     "version": version,
-    "library_version": meta["library_version"],
-    "saved_at": meta["saved_at"],
-    "tasks": meta["task_ids"],
-    "config": meta["config"],
-    "base": digest(meta["base"]) if meta["base"] else None,
-    "ranks": meta["ranks"],
+    "library_version": meta.library_version,
+    "saved_at": meta.saved_at,
+    "tasks": list(meta.task_ids),
+    "config": dataclasses.asdict(meta.config),
+    "base": digest(meta.base) if meta.base else None,
+    "ranks": [dataclasses.asdict(r) for r in meta.ranks],
     "storage": storage(subspace).summary(),
   }
 
@@ -223,10 +223,12 @@ def cmd_versions(args) -> int:
   for v in versions:
     try:
       meta = ckpt.metadata(v)
-      line = f"{len(meta['task_ids'])} tasks\t{meta['saved_at']}"
+      line = f"{len(meta.task_ids)} tasks\t{meta.saved_at}"
     except CheckpointError as e:
       line = f"unreadable: {e}"
     print(f"{v}\t{line}" + ("  (latest)" if v == versions[-1] else ""))
+  for name in ckpt.strays():
+    print(f"{name}\tignored: a numbered entry that is not a complete version")
   return 0
 
 

@@ -4,6 +4,13 @@ A new task trains, per adapted kernel and side, coefficients ε (K × p) on the 
 plus φ temporary factors T (d × φ) with their coefficients ε_T (φ × p) (paper §1.5): the side's
 factor columns are ``basis @ ε + T @ ε_T`` and ΔW = F_a F_bᵀ. ``finish_task`` folds the trained
 factor columns into the bases (what T learned survives) and re-projects every old task.
+
+A state remembers the bases it was begun (or read) on, ``TaskState.origin``: a static field, not
+trained, that ``make_train_step``'s step keeps out of its compiled signature. So a task that
+trained while another was merged (e.g. an adapter absorbed meanwhile) is merged exactly as it
+trained: its ΔW on its own bases, not its coefficients read against bases they were not fitted
+to. ``set_task`` cannot re-base coefficients without changing the bases, so it refuses a stale
+state instead.
 """
 
 from __future__ import annotations
@@ -108,6 +115,10 @@ def _init_group(basis, rank, on_a, rng, *, p: int, phi: int, std: float):
   return coef, temp, temp_coef
 
 
+def _positive_finite(x: Any) -> bool:
+  return isinstance(x, int | float | np.number) and not isinstance(x, bool) and 0 < x < np.inf
+
+
 def begin_task(
   subspace: Subspace,
   task_id: Hashable,
@@ -128,7 +139,7 @@ def begin_task(
   for name, value, low in (("p", p, 1), ("phi", phi, 0)):
     if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
       raise ShareError(f"begin_task {task_id!r}: {name} must be an integer >= {low}, got {value!r}")
-  if scale is not None and not (isinstance(scale, int | float) and 0 < scale < float("inf")):
+  if scale is not None and not _positive_finite(scale):
     raise ShareError(f"begin_task {task_id!r}: scale must be a finite number > 0, got {scale!r}")
   if head is not None:
     check_finite(head, f"task {task_id!r}: head")

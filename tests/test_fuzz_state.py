@@ -231,6 +231,7 @@ def test_begin_task_arguments(planted, kwargs, message):
   _, sub = planted
   with pytest.raises(sj.ShareError, match=f"begin_task 'n': {message}"):
     sj.begin_task(sub, "n", rng=jax.random.key(0), **kwargs)
+  sj.begin_task(sub, "n", rng=jax.random.key(0), p=np.int64(2), scale=np.float32(0.1))  # fine
 
 
 def test_integer_kernels_are_refused(planted):
