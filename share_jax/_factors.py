@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from share_jax.lora import LoRA
+from share_jax.profiling import phase
 from share_jax.subspace import Layout
 
 
@@ -15,6 +16,7 @@ def factor_columns(lora: LoRA) -> dict[str, np.ndarray]:
   return {"a": a, "b": b.T}
 
 
+@phase("stack")
 def stack_factors(layout: Layout, tasks: list[dict], m_cap: int, p: int) -> dict[str, tuple]:
   """``{group: (x (m_cap, L, d, p), ncols (m_cap, L))}`` from the tasks' LoRA leaves."""
   out = {

@@ -154,7 +154,7 @@ def test_a_failing_task_leaves_the_share_state_as_it_was(small):
   before, cost = method.subspace, dataclasses.replace(method.cost)
   hidden = np.full_like(tasks[1].x_train["hidden"], np.nan)
   poisoned = dataclasses.replace(tasks[1], x_train={**tasks[1].x_train, "hidden": hidden})
-  with pytest.raises(sj.ShareError, match="task 1: trained factors .* NaN"):
+  with pytest.raises(sj.ShareError, match="task 1: .*NaN"):
     method.learn(1, poisoned)
   assert method.subspace is before and method.subspace.task_ids == (0,)
   assert list(method.seen) == [0] and method.cost == cost
