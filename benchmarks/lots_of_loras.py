@@ -77,13 +77,17 @@ def delta_error(tree, original: dict[str, np.ndarray]) -> float:
 
 
 def truncate(tree, rank: int):
-  """Each ΔW cut to its top ``rank`` singular directions, balanced between a and b."""
+  """Each ΔW cut to its top ``rank`` singular directions (through QR of the factors, so only an
+  r × r SVD), balanced between a and b."""
   out = {}
   for p, x in lora_leaves(tree).items():
-    u, s, vt = np.linalg.svd(np.asarray(x.delta(), np.float64), full_matrices=False)
+    qa, ra = np.linalg.qr(np.asarray(x.a, np.float64))
+    qb, rb = np.linalg.qr(np.asarray(x.b, np.float64).T * x.scale)
+    u, s, vt = np.linalg.svd(ra @ rb.T)
     root = np.sqrt(s[:rank])
     out[p] = LoRA(
-      (u[:, :rank] * root).astype(np.float32), (root[:, None] * vt[:rank]).astype(np.float32)
+      (qa @ (u[:, :rank] * root)).astype(np.float32),
+      ((root[:, None] * vt[:rank]) @ qb.T).astype(np.float32),
     )
   return nest(out)
 
@@ -197,6 +201,8 @@ class Scorer:
     self.orig_delta = {n: deltas(originals[n]) for n in names}
     self.orig_pred = {n: self.ev.predictions(originals[n], heads[n], self.tasks[n]) for n in names}
     self.orig_acc = {n: float(np.mean(self.orig_pred[n] == self.tasks[n].y_test)) for n in names}
+    no_adapter = self.rows({n: None for n in names})
+    self.no_adapter_acc = {r["name"]: r["acc"] for r in no_adapter}
     self.head_bytes = (
       sum(int(np.size(x)) for n in names for x in jax.tree.leaves(heads[n])) * FLOAT_BYTES
     )
@@ -222,6 +228,8 @@ class Scorer:
     rows = self.rows(o.loras)
     ret = np.array([r["retention"] for r in rows])
     nbytes = o.adapter_params * FLOAT_BYTES
+    gain = sum(self.orig_acc[n] - self.no_adapter_acc[n] for n in self.names)
+    kept = sum(r["acc"] - self.no_adapter_acc[r["name"]] for r in rows)
     return {
       "family": o.family,
       "config": o.config,
@@ -229,6 +237,7 @@ class Scorer:
       "min_retention": float(ret.min()),
       "mean_acc": float(np.mean([r["acc"] for r in rows])),
       "mean_agreement": float(np.mean([r["agreement"] for r in rows])),
+      "gain_retained": kept / gain if gain > 0 else None,
       "mean_delta_error": float(np.mean([r["delta_error"] for r in rows])),
       "bytes": nbytes,
       "bytes_with_heads": nbytes + self.head_bytes,
@@ -257,10 +266,10 @@ def grid(quick: bool, minimal: bool, d: int) -> dict:
   if minimal:
     ks = (2,)
   else:
-    ks = [k for k in ((2, 4, 8) if quick else (2, 4, 8, 16, 32, 64)) if k <= d]
+    ks = [k for k in ((2, 4, 8) if quick else (2, 4, 8, 16, 32)) if k <= d]
   return {
     "share_k": ks,
-    "share_ev": () if minimal else (0.6, 0.9) if quick else (0.6, 0.8, 0.9, 0.95),
+    "share_ev": () if minimal else (0.6, 0.9) if quick else (0.6, 0.8, 0.95),
     "share_tau": (0.3,) if quick else (0.2, 0.35, 0.5),
     "lorashare_k": ks,
     "vlora_k": (2,) if minimal else (2, 8) if quick else (4, 16, 32, 64),
@@ -295,7 +304,8 @@ def run(args) -> dict:
     m = methods[o.name]
     log(
       f"{o.name:28s} retention {m['mean_retention']:.4f} (min {m['min_retention']:.3f}) "
-      f"agreement {m['mean_agreement']:.3f} ΔW err {m['mean_delta_error']:.3f} "
+      f"gain kept {pct(m['gain_retained'])} agreement {m['mean_agreement']:.3f} "
+      f"ΔW err {m['mean_delta_error']:.3f} "
       f"ratio {ratio(m['storage_ratio'])} {m['seconds']:.2f} s"
     )
 
@@ -319,7 +329,7 @@ def run(args) -> dict:
     sub, steps = share_async(params, names, originals, spec, batch)
     label = "share " + ", ".join(f"{k}={v}" for k, v in spec.items())
     batch_seconds[label] = steps
-    add(share_outcome(label, "share (async, batches of 50)", sub, names, sum(steps), spec))
+    add(share_outcome(label, f"share (async, batches of {batch})", sub, names, sum(steps), spec))
 
   # The headline rule three ways: async batches (with early-task tracking), all at once, one by one.
   head_spec = g["headline"]
@@ -404,6 +414,10 @@ def run(args) -> dict:
   return results
 
 
+def pct(x: float | None) -> str:
+  return "-" if x is None else f"{100 * x:.0f} %"
+
+
 def ratio(x: float | None) -> str:
   return "∞ (stores nothing)" if x is None else f"{x:.1f}×"
 
@@ -419,19 +433,25 @@ def plot_all(results: dict, workdir: Path) -> None:
   families: dict[str, list] = {}
   for m in methods.values():
     families.setdefault(m["family"], []).append(m)
-  fig, ax = plt.subplots(figsize=(6.4, 4.4))
-  for family, ms in families.items():
-    ms = sorted((m for m in ms if m["storage_ratio"]), key=lambda m: m["storage_ratio"])
-    if not ms:
-      continue
-    x = [m["storage_ratio"] for m in ms]
-    ax.plot(x, [100 * m["mean_retention"] for m in ms], marker="o", label=family)
-  ax.set_xscale("log")
-  ax.set_xlabel("storage ratio (all LoRAs / method, bases included, heads excluded)")
-  ax.set_ylabel("mean retention (%)")
-  ax.set_title(f"{results['num_tasks']} tasks: retention vs storage")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+  for ax, key, label in (
+    (axes[0], "mean_retention", "mean retention (%)"),
+    (axes[1], "mean_agreement", "agreement with the original LoRA's predictions (%)"),
+  ):
+    for family, ms in families.items():
+      ms = sorted((m for m in ms if m["storage_ratio"]), key=lambda m: m["storage_ratio"])
+      if ms:
+        x = [m["storage_ratio"] for m in ms]
+        ax.plot(x, [100 * m[key] for m in ms], marker="o", label=family)
+    if "no_adapter" in methods:
+      ax.axhline(100 * methods["no_adapter"][key], color="gray", ls="--", label="no adapter")
+    ax.set_xscale("log")
+    ax.set_xlabel("storage ratio (all LoRAs / method; bases in, heads out)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].set_title(f"{results['num_tasks']} tasks: retention vs storage")
+  axes[1].set_title("agreement vs storage")
+  axes[1].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(workdir / "frontier.png", dpi=110)
   plt.close(fig)
@@ -452,15 +472,19 @@ def plot_all(results: dict, workdir: Path) -> None:
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
-  for name, m in methods.items():
-    if m["family"] in ("lora",):
+  for family, ms in families.items():
+    if family == "lora":
       continue
+    # The point of each family nearest a 16× storage ratio (matched storage).
+    m = min(ms, key=lambda m: abs(np.log((m["storage_ratio"] or 1e6) / 16)))
+    name = next(n for n, x in methods.items() if x is m)
     ret = sorted(100 * r["retention"] for r in m["per_task"])
     ax.plot(ret, label=f"{name} ({ratio(m['storage_ratio'])})", lw=1)
   ax.set_xlabel("task (sorted by retention)")
   ax.set_ylabel("retention (%)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=5, ncol=2)
+  ax.set_title("per-task retention, each method near 16× storage")
+  ax.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(workdir / "per_task.png", dpi=110)
   plt.close(fig)
@@ -468,17 +492,54 @@ def plot_all(results: dict, workdir: Path) -> None:
 
 def table(results: dict) -> str:
   lines = [
-    "| method | mean retention | min retention | agreement | ΔW error | bytes | storage ratio "
-    "| ratio incl. heads | seconds |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| method | mean retention | min retention | gain kept | agreement | ΔW error | bytes "
+    "| storage ratio | ratio incl. heads | seconds |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, m in results["methods"].items():
     lines.append(
       f"| {name} | {m['mean_retention']:.4f} | {m['min_retention']:.3f} | "
-      f"{m['mean_agreement']:.3f} | {m['mean_delta_error']:.3f} | {m['bytes']:,} | "
+      f"{pct(m['gain_retained'])} | {m['mean_agreement']:.3f} | {m['mean_delta_error']:.3f} | "
+      f"{m['bytes']:,} | "
       f"{ratio(m['storage_ratio'])} | {m['storage_ratio_with_heads']:.1f}× | {m['seconds']:.2f} |"
     )
   return "\n".join(lines)
+
+
+SECTION = "## Lots of LoRAs (issue 9)"
+
+
+def section(results: dict) -> str:
+  """Markdown for ``benchmarks/RESULTS.md``: command, zoo, the table, early tasks, merge times."""
+  z = results["zoo"]
+  early = results["early_tasks"]
+  steps = results["step_seconds"]
+  warm = steps.get("share ev=0.6 async, warm (compiled)", [])
+  lines = [
+    SECTION,
+    "",
+    f"- command: `{results['command']}`",
+    f"- date: {results['date']}; machine: {results['machine']}",
+    f"- zoo: {results['num_tasks']} tasks ({', '.join(z['families'])}); backbone "
+    f"{z['backbone']}; settings {z['settings']}",
+    f"- mean test accuracy: original LoRAs {z['mean_lora_acc']:.3f}; majority class "
+    f"{z['mean_majority_acc']:.3f}; zoo training {z['train_seconds']:.0f} s",
+    f"- peers: {results['peers']}",
+    f"- `max_task_error` available: {results['max_task_error_available']}",
+    "",
+    table(results),
+    "",
+    f"Early tasks (the first {early['tasks']}, Share {early['rule']}, absorbed in batches of "
+    f"{early['batch']}): "
+    + ", ".join(
+      f"{c['absorbed']} tasks → retention {c['mean_retention']:.4f} (min {c['min_retention']:.3f}),"
+      f" agreement {c['mean_agreement']:.3f}"
+      for c in early["curve"]
+    ),
+    "",
+    "Seconds per init/absorb step, compiled (warm): " + ", ".join(f"{x:.3f}" for x in warm),
+  ]
+  return "\n".join(lines) + "\n"
 
 
 def parse(argv=None):
@@ -493,12 +554,19 @@ def parse(argv=None):
   p.add_argument("--minimal", action="store_true", help="one point per method (tests)")
   p.add_argument("--no-plots", action="store_true")
   p.add_argument("--silent", action="store_true")
+  p.add_argument("--results-md", action="store_true", help="write the RESULTS.md section")
   return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
-  results = run(parse(argv))
-  print(table(results))
+  args = parse(argv)
+  results = run(args)
+  text = section(results)
+  print(text)
+  if args.results_md:
+    from benchmarks.results_file import write_section
+
+    write_section(SECTION, text)
 
 
 if __name__ == "__main__":
