@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from share_jax import fidelity
+from share_jax._profiling import call_kernel, phase
 from share_jax.merge import Rule, merge_group
 from share_jax.subspace import FactorGroup, Subspace, SubspaceConfig, TaskTable, id_code
 
@@ -40,6 +41,7 @@ def _budget(tasks: TaskTable, norm2: jnp.ndarray, config: SubspaceConfig) -> jnp
   return jnp.where(norm2 > 0, room**2 / jnp.where(norm2 > 0, norm2, 1.0), 0.0)
 
 
+@phase("merge")
 def merge_columns(
   subspace: Subspace,
   task_ids: Sequence[Hashable],
@@ -82,14 +84,14 @@ def merge_columns(
     rule = Rule(kind, float(value), config.limit(d), config.center)
     x, ncols = new[g]
     k_out = rule.limit if kind == "k" else max(group.capacity[0], min(rule.limit, _MIN_K))
-    merged, want, res[g] = merge_group(
-      group, x, ncols, start, partner[g], beta, k_out=k_out, rule=rule
+    merged, want, res[g] = call_kernel(
+      merge_group, group, x, ncols, start, partner[g], beta, k_out=k_out, rule=rule
     )
     need = int(jnp.max(want))
     if need > k_out:
       k_out = min(rule.limit, bucket(need))
-      merged, _, res[g] = merge_group(
-        group, x, ncols, start, partner[g], beta, k_out=k_out, rule=rule
+      merged, _, res[g] = call_kernel(
+        merge_group, group, x, ncols, start, partner[g], beta, k_out=k_out, rule=rule
       )
     groups[g] = merged
   loss = jnp.sqrt(fidelity.projection_loss2(full, res, layout))

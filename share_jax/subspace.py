@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from share_jax.errors import ShareError, UnknownTaskError
+from share_jax.paths import join_path
 
 SIDES = ("a", "b")
 
@@ -84,6 +85,14 @@ class Layout:
 
   def spec(self, path: str) -> KernelSpec:
     return self.kernels[self.paths.index(path)]
+
+
+def check_finite(tree: Any, what: str) -> None:
+  """An error naming the first floating-point leaf of ``tree`` holding NaN or Inf."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    inexact = hasattr(x, "dtype") and np.issubdtype(x.dtype, np.inexact)
+    if inexact and not bool(jnp.isfinite(x).all()):
+      raise ShareError(f"{what} at {join_path(path)!r} contains NaN or Inf")
 
 
 def group_name(d: int) -> str:
@@ -334,4 +343,5 @@ class Subspace:
   def with_head(self, task_id: Hashable, head: Any) -> Subspace:
     """A copy that stores ``head`` (any pytree, e.g. a classifier's params) for a known task."""
     i = self.task_index(task_id)
+    check_finite(head, f"task {task_id!r}: head")
     return self.replace(task_heads={**self.task_heads, i: head})
