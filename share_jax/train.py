@@ -2,8 +2,11 @@
 
 A new task trains, per adapted kernel and side, coefficients ε (K × p) on the frozen shared basis
 plus φ temporary factors T (d × φ) with their coefficients ε_T (φ × p) (paper §1.5): the side's
-factor columns are ``basis @ ε + T @ ε_T`` and ΔW = F_a F_bᵀ. ``finish_task`` folds the trained
-factor columns into the bases (what T learned survives) and re-projects every old task.
+factor columns are ``basis @ ε + T @ ε_T`` and ΔW = F_a F_bᵀ. The step (``make_train_step``)
+adds (x F_a) F_bᵀ to each adapted Dense's output rather than forming ΔW where the model allows it.
+``finish_task`` folds the trained factor columns into the bases (what T learned survives) and
+re-projects every old task. ``make_step`` is the one gradient → update → apply step every
+training loop (the runner's, ViT pretraining) reuses.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import functools
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -23,7 +27,7 @@ from share_jax._validation import check_new_task_ids, check_params
 from share_jax.apply import apply_factors
 from share_jax.errors import ShareError
 from share_jax.merge import mm, scatter_factor, side_factors
-from share_jax.subspace import Layout, Subspace
+from share_jax.subspace import SIDES, Layout, Subspace
 
 
 @flax.struct.dataclass
@@ -112,27 +116,83 @@ def adapted_params(params: Any, subspace: Subspace, trainable: TaskState) -> Any
   return apply_factors(params, subspace.layout, trained_factors(subspace.bases, trainable))
 
 
+def make_step(objective: Callable[..., jax.Array], optimizer: optax.GradientTransformation):
+  """A jitted ``step(trainable, opt_state, *args) -> (trainable, opt_state, loss)``: one update of
+  ``optimizer`` on the gradient of ``loss = objective(trainable, *args)``.
+
+  Only ``trainable`` is differentiated; ``opt_state`` is ``optimizer.init(trainable)``. Callable
+  inside another jitted function or a ``jax.lax.scan`` body.
+  """
+
+  @jax.jit
+  def step(trainable, opt_state, *args):
+    loss, grads = jax.value_and_grad(objective)(trainable, *args)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  return step
+
+
 def make_train_step(
-  loss_fn: Callable[[Any, Any, Any], jax.Array], optimizer: optax.GradientTransformation, layout
+  loss_fn: Callable[[Any, Any, Any], jax.Array],
+  optimizer: optax.GradientTransformation,
+  layout: Layout,
+  *,
+  factored: bool | None = None,
 ) -> Callable:
   """A jitted step ``(trainable, opt_state, params, bases, batch) -> (trainable, opt_state, loss)``.
 
   Only ``trainable`` is differentiated; params and bases (``subspace.bases``) are inputs, so the
   step compiles once for every task of equal shapes. ``loss_fn(adapted_params, head, batch)``;
   the optimizer state, ``optimizer.init(trainable)``, exists only for trainable leaves.
+
+  ``factored`` (default: wherever it applies): every adapted ``flax.linen.Dense`` adds
+  ``(x F_a) F_bᵀ`` to its output and the loss runs on the unchanged ``params``, so neither ΔW nor
+  its dense gradient xᵀ dy is formed; the gradients equal the materialised ones. It applies when
+  each adapted kernel reaches the loss as the kernel of an ``nn.Dense`` call (Linen models, HF
+  Flax models); otherwise (NNX, plain functions) the step builds W + ΔW. Pass ``factored=False``
+  if the loss also reads an adapted kernel outside its Dense (weight tying, a penalty on params);
+  ``factored=True`` makes a kernel that no Dense reached an error.
   """
 
   def objective(trainable, params, bases, batch):
-    adapted = apply_factors(params, layout, trained_factors(bases, trainable))
-    return loss_fn(adapted, trainable.head, batch)
+    factors = trained_factors(bases, trainable)
+    if factored is not False:
+      loss, missing = _factored_loss(loss_fn, layout, params, factors, trainable.head, batch)
+      if not missing:
+        return loss
+      if factored:
+        raise ShareError(f"factored step: no nn.Dense used the adapted kernels {missing}")
+    return loss_fn(apply_factors(params, layout, factors), trainable.head, batch)
 
-  @jax.jit
-  def step(trainable, opt_state, params, bases, batch):
-    loss, grads = jax.value_and_grad(objective)(trainable, params, bases, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
+  return make_step(objective, optimizer)
 
-  return step
+
+def _factored_loss(loss_fn, layout: Layout, params, factors, head, batch):
+  """(loss, adapted paths that no Dense reached): ``loss_fn`` on ``params`` inside an interceptor
+  that adds ``(x F_a) F_bᵀ`` to every ``nn.Dense`` whose kernel is an adapted leaf of ``params``
+  (matched by identity, so only kernels taken from ``params`` as they are)."""
+  leaves = check_params(params, layout)
+  owner = {id(leaves[path]): path for path in layout.paths}
+  reached = set()
+
+  def intercept(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if not (isinstance(module, nn.Dense) and context.method_name == "__call__"):
+      return out
+    path = owner.get(id(module.get_variable("params", "kernel")))
+    if path is None:
+      return out
+    reached.add(path)
+    (ga, ra), (gb, rb) = (layout.slots[(path, side)] for side in SIDES)
+    x = (args[0] if args else kwargs["inputs"]).astype(jnp.float32)
+    term = (x @ factors[ga][ra]) @ factors[gb][rb].T
+    return out + term.astype(out.dtype)
+
+  with nn.intercept_methods(intercept):
+    loss = loss_fn(params, head, batch)
+  return loss, sorted(set(layout.paths) - reached)
 
 
 def finish_task(subspace: Subspace, trainable: TaskState, task_id: Hashable) -> Subspace:
