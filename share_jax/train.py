@@ -12,7 +12,7 @@ training loop (the runner's, ViT pretraining) reuses.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -26,7 +26,9 @@ from share_jax._driver import merge_columns
 from share_jax._validation import check_new_task_ids, check_params
 from share_jax.apply import apply_factors
 from share_jax.errors import ShareError
+from share_jax.lora import add_deltas
 from share_jax.merge import mm, scatter_factor, side_factors
+from share_jax.paths import flatten_with_paths
 from share_jax.subspace import SIDES, Layout, Subspace
 
 
@@ -144,40 +146,61 @@ def make_train_step(
 
   Only ``trainable`` is differentiated; params and bases (``subspace.bases``) are inputs, so the
   step compiles once for every task of equal shapes. ``loss_fn(adapted_params, head, batch)``;
-  the optimizer state, ``optimizer.init(trainable)``, exists only for trainable leaves.
-
-  ``factored`` (default: wherever it applies): every adapted ``flax.linen.Dense`` adds
-  ``(x F_a) F_bᵀ`` to its output and the loss runs on the unchanged ``params``, so neither ΔW nor
-  its dense gradient xᵀ dy is formed; the gradients equal the materialised ones. It applies when
-  each adapted kernel reaches the loss as the kernel of an ``nn.Dense`` call (Linen models, HF
-  Flax models); otherwise (NNX, plain functions) the step builds W + ΔW. Pass ``factored=False``
-  if the loss also reads an adapted kernel outside its Dense (weight tying, a penalty on params);
-  ``factored=True`` makes a kernel that no Dense reached an error.
+  the optimizer state, ``optimizer.init(trainable)``, exists only for trainable leaves. The loss
+  is ``low_rank_loss``'s: factored (no ΔW formed) wherever the model allows, see ``factored``
+  there.
   """
 
   def objective(trainable, params, bases, batch):
     factors = trained_factors(bases, trainable)
-    if factored is not False:
-      loss, missing = _factored_loss(loss_fn, layout, params, factors, trainable.head, batch)
-      if not missing:
-        return loss
-      if factored:
-        raise ShareError(f"factored step: no nn.Dense used the adapted kernels {missing}")
-    return loss_fn(apply_factors(params, layout, factors), trainable.head, batch)
+    pairs = {
+      path: tuple(factors[g][row] for g, row in (layout.slots[(path, s)] for s in SIDES))
+      for path in layout.paths
+    }
+    return low_rank_loss(loss_fn, params, pairs, trainable.head, batch, factored=factored)
 
   return make_step(objective, optimizer)
 
 
-def _factored_loss(loss_fn, layout: Layout, params, factors, head, batch):
-  """(loss, adapted paths that no Dense reached): ``loss_fn`` on ``params`` inside an interceptor
-  that adds ``(x F_a) F_bᵀ`` to every ``nn.Dense`` whose kernel is an adapted leaf of ``params``
-  (matched by identity, so only kernels taken from ``params`` as they are)."""
-  leaves = check_params(params, layout)
-  owner = {id(leaves[path]): path for path in layout.paths}
+def low_rank_loss(
+  loss_fn: Callable[..., jax.Array],
+  params: Any,
+  factors: Mapping[str, tuple[jax.Array, jax.Array]],
+  *args: Any,
+  factored: bool | None = None,
+) -> jax.Array:
+  """``loss_fn(params with W + a bᵀ at every kernel path of factors, *args)``; ``factors``:
+  ``{joined kernel path: (a (d_in, p), b (d_out, p))}``. Differentiable in the factors.
+
+  ``factored`` (default: wherever it applies): each ``flax.linen.Dense`` whose kernel is one of
+  these leaves of ``params`` adds ``(x a) bᵀ`` to its output and ``loss_fn`` runs on ``params``
+  unchanged, so neither ΔW nor its dense gradient xᵀ dy (2·B·T·d_in·d_out flops per kernel) is
+  formed; value and gradients equal the materialised ones. It applies when every kernel reaches
+  the loss through an ``nn.Dense`` call (Linen models, HF Flax models); otherwise (NNX, plain
+  functions) W + a bᵀ is built. Pass ``factored=False`` if the loss also reads an adapted kernel
+  outside its Dense (weight tying, a penalty on params); ``factored=True`` makes a kernel that no
+  Dense used an error.
+  """
+  if factored is not False:
+    loss, missing = _factored_loss(loss_fn, params, factors, args)
+    if not missing:
+      return loss
+    if factored:
+      raise ShareError(f"factored loss: no nn.Dense used the adapted kernels {missing}")
+  deltas = {path: mm("ip,op->io", a, b) for path, (a, b) in factors.items()}
+  return loss_fn(add_deltas(params, deltas), *args)
+
+
+def _factored_loss(loss_fn, params, factors, args) -> tuple[jax.Array, list[str]]:
+  """(loss, kernel paths that no Dense used): ``loss_fn(params, *args)`` inside an interceptor
+  that adds ``(x a) bᵀ`` to every ``nn.Dense`` whose kernel is a leaf of ``params`` at a path of
+  ``factors`` (matched by identity: only kernels the model takes from ``params`` as they are)."""
+  leaves = flatten_with_paths(params)
+  owner = {id(leaves[path]): path for path in factors if path in leaves}
   reached = set()
 
-  def intercept(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
+  def intercept(next_fun, call_args, kwargs, context):
+    out = next_fun(*call_args, **kwargs)
     module = context.module
     if not (isinstance(module, nn.Dense) and context.method_name == "__call__"):
       return out
@@ -185,14 +208,13 @@ def _factored_loss(loss_fn, layout: Layout, params, factors, head, batch):
     if path is None:
       return out
     reached.add(path)
-    (ga, ra), (gb, rb) = (layout.slots[(path, side)] for side in SIDES)
-    x = (args[0] if args else kwargs["inputs"]).astype(jnp.float32)
-    term = (x @ factors[ga][ra]) @ factors[gb][rb].T
-    return out + term.astype(out.dtype)
+    a, b = factors[path]
+    x = (call_args[0] if call_args else kwargs["inputs"]).astype(jnp.float32)
+    return out + ((x @ a.astype(jnp.float32)) @ b.T.astype(jnp.float32)).astype(out.dtype)
 
   with nn.intercept_methods(intercept):
-    loss = loss_fn(params, head, batch)
-  return loss, sorted(set(layout.paths) - reached)
+    loss = loss_fn(params, *args)
+  return loss, sorted(set(factors) - reached)
 
 
 def finish_task(subspace: Subspace, trainable: TaskState, task_id: Hashable) -> Subspace:

@@ -13,8 +13,8 @@ import share_jax as sj
 from share_jax.experiments import metrics, synthetic
 from share_jax.experiments import run as runner
 from share_jax.experiments.backbones import tiny_bert_backbone
+from share_jax.experiments.fitting import encode_task
 from share_jax.experiments.methods import METHODS, Context, Share
-from share_jax.experiments.training import encode_task
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 KEYS = {

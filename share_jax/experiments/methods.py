@@ -32,9 +32,9 @@ import optax
 
 import share_jax as sj
 from share_jax.errors import ShareError
-from share_jax.experiments import training
+from share_jax.experiments import fitting
 from share_jax.experiments.backbones import Backbone, batched
-from share_jax.experiments.training import EncodedTask, Head
+from share_jax.experiments.fitting import EncodedTask, Head
 from share_jax.lora import apply_lora, lora_leaves
 
 
@@ -52,6 +52,11 @@ def head_size(head: Head) -> int:
   return sum(int(np.size(x)) for x in jax.tree.leaves(head))
 
 
+def lora_factors(lora: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """``{kernel path: (a (d_in, r), b (d_out, r))}`` with ΔW = a bᵀ, for ``sj.low_rank_loss``."""
+  return {path: (x.a * x.scale, x.b.T) for path, x in lora_leaves(lora).items()}
+
+
 def lora_size(lora: Any) -> int:
   return sum(int(np.size(x.a)) + int(np.size(x.b)) for x in lora_leaves(lora).values())
 
@@ -62,16 +67,18 @@ class Context:
 
   def __init__(self, backbone: Backbone, config, seed: int):
     self.backbone, self.config, self.seed = backbone, config, seed
-    self.loss = training.classification_loss(backbone.features)
+    self.loss = fitting.classification_loss(backbone.features)
     self.features = jax.jit(backbone.features)
     self.predict = jax.jit(
       lambda params, head, inputs: jnp.argmax(
-        training.logits(head, backbone.features(params, inputs)), -1
+        fitting.logits(head, backbone.features(params, inputs)), -1
       )
     )
     self.lora_optimizer = optax.adam(config.lora.lr)
-    self.lora_step = training.make_step(
-      lambda tr, params, batch: self.loss(apply_lora(params, tr["lora"]), tr["head"], batch),
+    self.lora_step = sj.make_step(
+      lambda tr, params, batch: sj.low_rank_loss(
+        self.loss, params, lora_factors(tr["lora"]), tr["head"], batch
+      ),
       self.lora_optimizer,
     )
     self._share_steps: dict = {}
@@ -83,8 +90,8 @@ class Context:
     return key
 
   def fit(self, step, optimizer, trainable, data, *, epochs: int, desc: str, salt: int = 0):
-    """Trains ``trainable`` with a fresh optimizer state on ``data`` (see ``training.fit``)."""
-    trainable, _ = training.fit(
+    """Trains ``trainable`` with a fresh optimizer state on ``data`` (see ``fitting.fit``)."""
+    trainable, _ = fitting.fit(
       step,
       trainable,
       optimizer.init(trainable),
@@ -97,12 +104,12 @@ class Context:
     return trainable
 
   def accuracy(self, params: Any, head: Head, task: EncodedTask) -> float:
-    return training.accuracy(self.predict, params, head, task, self.config.train.eval_batch_size)
+    return fitting.accuracy(self.predict, params, head, task, self.config.train.eval_batch_size)
 
   def init_head(self, task: EncodedTask) -> Head:
     """Zeros: the adapter and the head learn together (a head warm-started by the probe fits
     small training sets almost exactly and leaves the adapter nothing to learn)."""
-    return training.zero_head(self.backbone.feature_dim, task.num_classes)
+    return fitting.zero_head(self.backbone.feature_dim, task.num_classes)
 
   def train_lora(self, i: int, task: EncodedTask, lora: Any, desc: str) -> tuple[Any, Head]:
     """(LoRA, head) trained on task i; ``lora=None`` starts a fresh LoRA."""
@@ -152,15 +159,15 @@ def train_probe(feats: jax.Array, y: jax.Array, *, num_classes: int, steps: int,
   opt = optax.adam(lr)
 
   def loss(head):
-    out = training.logits(head, feats)
+    out = fitting.logits(head, feats)
     return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
 
-  def body(carry, _):
-    head, state = carry
-    updates, state = opt.update(jax.grad(loss)(head), state)
-    return (optax.apply_updates(head, updates), state), None
+  step = sj.make_step(loss, opt)
 
-  head = training.zero_head(feats.shape[1], num_classes)
+  def body(carry, _):
+    return step(*carry)[:2], None
+
+  head = fitting.zero_head(feats.shape[1], num_classes)
   (head, _), _ = jax.lax.scan(body, (head, opt.init(head)), length=steps)
   return head
 
@@ -223,7 +230,7 @@ class HeadOnly(Method):
   def evaluate(self, j, task):
     if j not in self.heads:
       raise self.unknown(j, self.heads)
-    pred = np.argmax(np.asarray(training.logits(self.heads[j], self.test_features[j])), -1)
+    pred = np.argmax(np.asarray(fitting.logits(self.heads[j], self.test_features[j])), -1)
     return float(np.mean(pred == task.y_test))
 
 
@@ -292,13 +299,16 @@ class LoRAJoint(LoRASequential):
       "heads": jax.tree.map(lambda *x: jnp.stack(x), *heads),
     }
 
-    def loss(tr, params, batch):
-      feats = ctx.backbone.features(apply_lora(params, tr["lora"]), batch["inputs"])
-      w, b = tr["heads"]["w"][batch["task"]], tr["heads"]["b"][batch["task"]]
+    def head_loss(params, heads, batch):
+      feats = ctx.backbone.features(params, batch["inputs"])
+      w, b = heads["w"][batch["task"]], heads["b"][batch["task"]]
       out = jnp.where(valid[batch["task"]], jnp.einsum("bh,bhc->bc", feats, w) + b, -1e9)
       return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]).mean()
 
-    step = bind(training.make_step(loss, ctx.lora_optimizer), ctx.backbone.params)
+    def loss(tr, params, batch):
+      return sj.low_rank_loss(head_loss, params, lora_factors(tr["lora"]), tr["heads"], batch)
+
+    step = bind(sj.make_step(loss, ctx.lora_optimizer), ctx.backbone.params)
     data = [
       (t.x_train, t.y_train, {"task": np.full(len(t.y_train), i)}) for i, t in enumerate(tasks)
     ]
@@ -316,7 +326,7 @@ class LoRAJoint(LoRASequential):
 
 
 def pad_head(head: Head, num_classes: int) -> Head:
-  extra = num_classes - training.head_classes(head)
+  extra = num_classes - fitting.head_classes(head)
   return {"w": jnp.pad(head["w"], ((0, 0), (0, extra))), "b": jnp.pad(head["b"], (0, extra))}
 
 

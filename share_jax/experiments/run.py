@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from share_jax.errors import ShareError
 from share_jax.experiments import backbones, report, synthetic
 from share_jax.experiments import data as datasets
+from share_jax.experiments.fitting import EncodedTask, check_task, encode_task
 from share_jax.experiments.methods import METHODS, Context, Method
 from share_jax.experiments.plots import plot_accuracy
-from share_jax.experiments.training import EncodedTask, check_task, encode_task
 from share_jax.lora import select_kernels
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")

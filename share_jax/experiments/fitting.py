@@ -121,19 +121,6 @@ def fit(
   return trainable, opt_state
 
 
-def make_step(loss: Callable[[Any, Any, dict], jax.Array], optimizer) -> Callable:
-  """A jitted ``step(trainable, opt_state, params, batch)`` minimising ``loss(trainable, params,
-  batch)``."""
-
-  @jax.jit
-  def step(trainable, opt_state, params, batch):
-    value, grads = jax.value_and_grad(loss)(trainable, params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, value
-
-  return step
-
-
 def accuracy(predict, params: Any, head: Head, task: EncodedTask, batch_size: int) -> float:
   """Test accuracy of ``predict(params, head, inputs) -> (B,) labels``."""
   if head_classes(head) != task.num_classes:
