@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from share_jax.errors import ShareError
 from share_jax.experiments import backbones, report, synthetic
 from share_jax.experiments import data as datasets
+from share_jax.experiments.config import ALL_METHODS
 from share_jax.experiments.fitting import EncodedTask, check_task, encode_task
 from share_jax.experiments.methods import METHODS, Context, Method
 from share_jax.experiments.plots import plot_accuracy
@@ -42,10 +43,13 @@ VISION = "share_jax.experiments.vision"
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """An unlocked copy, with ``quick_overrides`` applied when ``quick`` is set."""
+  """An unlocked copy, with ``quick_overrides`` applied when ``quick`` is set and every method
+  when ``all_methods`` is."""
   config = ml_collections.ConfigDict(config.to_dict())
   if config.quick:
     config.update(config.quick_overrides)
+  if config.get("all_methods"):
+    config.methods = ALL_METHODS
   return config
 
 
