@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -35,10 +32,10 @@ import numpy as np
 import optax
 
 import share_jax as sj
-from benchmarks.results_file import write_section
-from benchmarks.serving import random_loras
+from benchmarks.results_file import report
 from share_jax.experiments import backbones, fitting
 from share_jax.experiments.methods import lora_factors
+from share_jax.experiments.synthetic import random_loras
 
 HEADING = "## ε-only step vs LoRA step (issue 3/5)"
 NUM_CLASSES = 4
@@ -125,7 +122,7 @@ def variants(bb: backbones.Backbone, batch: dict, args) -> tuple[dict[str, Varia
     factored_lora, (params, batch), lora, size(lora["lora"])
   )
   sub = sj.init_subspace(
-    params, random_loras(params, bb.target, args.loras, args.rank, 1), k=args.k
+    params, random_loras(params, bb.target, args.loras, rank=args.rank, seed=1), k=args.k
   )
   errors = []
   for phi in args.phi:
@@ -222,16 +219,10 @@ def main() -> None:
       f"{step_s[n] * 1e3:.4g} | {paired_ratio(wall[lora], wall[n])} | "
       f"{paired_ratio(cpu[lora], cpu[n])} |"
     )
-  device = jax.devices()[0]
-  text = "\n".join(
+  report(
+    HEADING,
+    "benchmarks.train_step",
     [
-      HEADING,
-      "",
-      f"`{' '.join(['python -m benchmarks.train_step', *sys.argv[1:]])}` — "
-      f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()}-core "
-      f"{device.platform.upper()} ({device.device_kind}), jax {jax.__version__}, load average "
-      f"{os.getloadavg()[0]:.1f} (compare ratios within the table, not absolute times).",
-      "",
       f"{bb.name}; adapters on `{bb.target}` ({len(kernels)} kernels); batch {args.batch} × "
       f"{args.seq} tokens, {NUM_CLASSES}-way linear head, Adam. Share's subspace: k = {args.k} "
       f"per side from {args.loras} random rank-{args.rank} LoRAs. Times: medians of "
@@ -248,18 +239,16 @@ def main() -> None:
       "",
       " ".join(
         [
-          f"A step that forms W + ΔW also forms dL/dW = xᵀ dy for every adapted kernel "
+          "A step that forms W + ΔW also forms dL/dW = xᵀ dy for every adapted kernel "
           f"({dw_gflop / 1e9:.3g} GFLOP per step, 2·B·T·Σ d_in·d_out); a factored step forms "
           "neither.",
           *notes,
         ]
       ),
-      "",
-    ]
+    ],
+    write=args.write,
+    note=" (compare ratios within the table, not absolute times)",
   )
-  print(text)
-  if args.write:
-    write_section(HEADING, text)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ from share_jax._version import __version__
 from share_jax.apply import apply_factors, project, reconstruct, task_params
 from share_jax.errors import ShareError, UnknownTaskError
 from share_jax.ingest import absorb, empty_subspace, init_subspace
-from share_jax.lora import LoRA, apply_lora, init_lora_tree, lora_leaves
+from share_jax.lora import LoRA, apply_lora, init_lora_tree, lora_leaves, select_kernels
+from share_jax.paths import flatten_with_paths, nest
 from share_jax.storage import Storage, storage
 from share_jax.subspace import FactorGroup, Layout, Subspace, SubspaceConfig
 from share_jax.train import (
@@ -20,33 +21,36 @@ from share_jax.train import (
 )
 
 __all__ = [
-  "__version__",
   "FactorGroup",
   "Layout",
   "LoRA",
   "ShareError",
-  "Subspace",
   "Storage",
+  "Subspace",
   "SubspaceConfig",
-  "UnknownTaskError",
   "TaskState",
+  "UnknownTaskError",
+  "__version__",
   "absorb",
   "adapted_params",
+  "apply_factors",
   "apply_lora",
   "begin_task",
   "empty_subspace",
   "finish_task",
-  "low_rank_loss",
-  "make_step",
-  "make_train_step",
-  "set_task",
-  "task_state",
-  "apply_factors",
+  "flatten_with_paths",
   "init_lora_tree",
   "init_subspace",
   "lora_leaves",
+  "low_rank_loss",
+  "make_step",
+  "make_train_step",
+  "nest",
   "project",
   "reconstruct",
+  "select_kernels",
+  "set_task",
   "storage",
   "task_params",
+  "task_state",
 ]

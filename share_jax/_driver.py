@@ -8,6 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from share_jax._profiling import call_kernel, phase
 from share_jax.merge import Rule, merge_group
 from share_jax.subspace import FactorGroup, Subspace, SubspaceConfig
 
@@ -28,6 +29,7 @@ def _grow(group: FactorGroup, t_cap: int, p_cap: int) -> FactorGroup:
   return group.replace(coef=coef, ncols=jnp.pad(group.ncols, ((0, t_cap - t), (0, 0))))
 
 
+@phase("merge")
 def merge_columns(
   subspace: Subspace,
   task_ids: Sequence[Hashable],
@@ -54,10 +56,10 @@ def merge_columns(
     )
     ncols = jnp.pad(jnp.asarray(ncols, jnp.int32), ((0, m_cap - m), (0, 0)))
     k_out = rule.limit if config.k is not None else max(group.capacity[0], min(rule.limit, _MIN_K))
-    merged, want = merge_group(group, x, ncols, start, k_out=k_out, rule=rule)
+    merged, want = call_kernel(merge_group, group, x, ncols, start, k_out=k_out, rule=rule)
     need = int(jnp.max(want))
     if need > k_out:
       k_out = min(rule.limit, bucket(need))
-      merged, _ = merge_group(group, x, ncols, start, k_out=k_out, rule=rule)
+      merged, _ = call_kernel(merge_group, group, x, ncols, start, k_out=k_out, rule=rule)
     groups[g] = merged
   return subspace.with_tasks(groups, task_ids, config)

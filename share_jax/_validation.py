@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from share_jax._profiling import phase
 from share_jax.errors import ShareError
 from share_jax.lora import LoRA, lora_leaves
 from share_jax.paths import flatten_with_paths, leaf_shape
@@ -16,6 +17,7 @@ from share_jax.subspace import KernelSpec, Layout, Subspace
 LoRAs = Sequence[Any] | Mapping[Hashable, Any]
 
 
+@phase("validate")
 def as_tasks(loras: LoRAs, task_ids: Sequence[Hashable] | None) -> list[tuple[Hashable, dict]]:
   """``[(task id, {path: LoRA})]`` from a sequence or a mapping of LoRA trees."""
   if isinstance(loras, Mapping):
@@ -50,12 +52,31 @@ def as_tasks(loras: LoRAs, task_ids: Sequence[Hashable] | None) -> list[tuple[Ha
   return out
 
 
+def _factor(task: Hashable, path: str, name: str, x: Any) -> np.ndarray:
+  """A factor as a host array; an error for anything but a real floating-point array."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise ShareError(
+      f"task {task!r}, {path!r}: factor {name} is a {type(x).__name__}, not an array"
+    )
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ShareError(
+      f"task {task!r}, {path!r}: factor {name} has dtype {x.dtype}, not a floating-point dtype"
+    )
+  return np.asarray(x)
+
+
 def check_factors(task: Hashable, path: str, lora: LoRA, shape: tuple[int, int]) -> None:
-  a, b = np.asarray(lora.a), np.asarray(lora.b)
+  a, b = _factor(task, path, "a", lora.a), _factor(task, path, "b", lora.b)
   if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
     raise ShareError(
       f"task {task!r}, {path!r}: factors a {a.shape}, b {b.shape} are not (d_in, r), (r, d_out)"
     )
+  if a.shape[1] < 1:
+    raise ShareError(f"task {task!r}, {path!r}: LoRA of rank 0 (factors a {a.shape}, b {b.shape})")
+  if lora.alpha is not None and not (
+    isinstance(lora.alpha, int | float | np.number) and np.isfinite(lora.alpha)
+  ):
+    raise ShareError(f"task {task!r}, {path!r}: alpha {lora.alpha!r} is not a finite number")
   if (a.shape[0], b.shape[1]) != tuple(shape):
     raise ShareError(
       f"task {task!r}, {path!r}: LoRA maps {a.shape[0]} -> {b.shape[1]} but the kernel is {shape}"
@@ -64,6 +85,7 @@ def check_factors(task: Hashable, path: str, lora: LoRA, shape: tuple[int, int])
     raise ShareError(f"task {task!r}, {path!r}: LoRA factors contain NaN or Inf")
 
 
+@phase("validate")
 def check_tasks(layout: Layout, tasks: list[tuple[Hashable, dict]]) -> None:
   want = set(layout.paths)
   for t, leaves in tasks:
@@ -77,6 +99,7 @@ def check_tasks(layout: Layout, tasks: list[tuple[Hashable, dict]]) -> None:
       check_factors(t, path, lora, layout.spec(path).shape)
 
 
+@phase("validate")
 def layout_from_params(params: Any, tasks: list[tuple[Hashable, dict]]) -> Layout:
   kernels = flatten_with_paths(params)
   first_task, first = tasks[0]
@@ -87,8 +110,19 @@ def layout_from_params(params: Any, tasks: list[tuple[Hashable, dict]]) -> Layou
     w = kernels[path]
     if len(leaf_shape(w)) != 2:
       raise ShareError(f"{path!r} is not a 2-D kernel (shape {leaf_shape(w)})")
-    specs.append(KernelSpec(path, tuple(int(s) for s in w.shape), str(jnp.dtype(w.dtype))))
+    specs.append(kernel_spec(path, w))
   return Layout(tuple(specs))
+
+
+def kernel_spec(path: str, w: Any) -> KernelSpec:
+  """The spec of an adapted kernel; an error for integer or boolean kernels (W + ΔW would be
+  truncated)."""
+  dtype = jnp.dtype(w.dtype) if hasattr(w, "dtype") else np.asarray(w).dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ShareError(
+      f"kernel {path!r} has dtype {dtype}: only floating-point kernels can be adapted"
+    )
+  return KernelSpec(path, tuple(int(s) for s in w.shape), str(dtype))
 
 
 def check_params(params: Any, layout: Layout) -> dict[str, Any]:
@@ -104,6 +138,7 @@ def check_params(params: Any, layout: Layout) -> dict[str, Any]:
   return leaves
 
 
+@phase("validate")
 def check_new_task_ids(subspace: Subspace, task_ids: Sequence[Hashable]) -> None:
   """An error naming any id the subspace already holds."""
   for t in task_ids:

@@ -4,6 +4,7 @@ subspace checkpoints, PEFT adapters out. Every error exits non-zero with one lin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -14,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from share_jax import diagnostics
 from share_jax.checkpoint import Checkpointer, CheckpointError, digest
 from share_jax.errors import ShareError
 from share_jax.ingest import absorb, init_subspace
 from share_jax.lora import lora_leaves
 from share_jax.paths import nest
-from share_jax.peft_io import SCHEMES, PeftAdapter, export_task, read_adapter
+from share_jax.peft_io import SCHEMES, AdapterMeta, PeftAdapter, export_task, read_adapter
 from share_jax.storage import storage
 from share_jax.subspace import Subspace
 
@@ -121,14 +123,13 @@ def cmd_absorb(args) -> int:
   with _existing(args.ckpt) as ckpt:
     meta = ckpt.metadata()
     subspace = ckpt.restore()
-    schemes = [m["peft"]["scheme"] for m in meta["task_meta"] if m and m.get("peft")]
+    peft = [AdapterMeta.parse(meta.meta_of(t), f"task {t!r}") for t in meta.task_ids]
+    schemes = [m.scheme for m in peft if m is not None]
     scheme = args.scheme or (schemes[0] if schemes else "hf_flax")
     ids = _task_ids(args, args.adapters)
-    adapters = _read(
-      args.adapters,
-      scheme,
-      _kernel_params({s.path: (s.shape, s.dtype) for s in subspace.layout.kernels}),
-    )
+    # kernels and shapes are checked against the subspace's layout by absorb (which names a
+    # different set of kernels as such), not against a stand-in holding only the adapted ones
+    adapters = _read(args.adapters, scheme)
     subspace = absorb(subspace, [a.lora for a in adapters], task_ids=ids, **_k_options(args))
     version = _save(ckpt, subspace, ids, adapters)
   print(f"{args.ckpt}: version {version}, {subspace.num_tasks} tasks (added {ids})")
@@ -144,7 +145,7 @@ def cmd_export(args) -> int:
     subspace,
     task,
     args.out,
-    meta=meta["task_meta"][subspace.task_index(task)],
+    meta=meta.meta_of(task),
     scheme=args.scheme,
     prefix=args.prefix,
     head_module=args.head_module,
@@ -159,18 +160,42 @@ def _info(ckpt: Checkpointer, version: int | None) -> dict:
   subspace = ckpt.restore(version)
   return {
     "version": version,
-    "library_version": meta["library_version"],
-    "saved_at": meta["saved_at"],
-    "tasks": meta["task_ids"],
-    "config": meta["config"],
-    "base": digest(meta["base"]) if meta["base"] else None,
-    "ranks": meta["ranks"],
+    "library_version": meta.library_version,
+    "saved_at": meta.saved_at,
+    "tasks": list(meta.task_ids),
+    "config": dataclasses.asdict(meta.config),
+    "base": digest(meta.base) if meta.base else None,
+    "ranks": [dataclasses.asdict(r) for r in meta.ranks],
     "storage": storage(subspace).summary(),
   }
 
 
+def _diagnostics(ckpt: Checkpointer, version: int | None, directory: str) -> dict:
+  """Writes the diagnostic plots and numbers (``share_jax.diagnostics``) into ``directory``."""
+  return diagnostics.write_report(ckpt.restore(version), directory)
+
+
+def _print_diagnostics(numbers: dict, directory: str) -> None:
+  print(f"diagnostics in {directory}: explained_variance.png, similarity_*.png, diagnostics.json")
+  for fraction, ks in numbers["k_for"].items():
+    k = np.asarray(list(ks.values()))
+    print(
+      f"  k to keep {float(fraction):.0%} of the factor energy: median {np.median(k):g}, "
+      f"max {k.max()} over {k.size} kernel sides"
+    )
+  for measure in diagnostics.MEASURES:
+    print(
+      f"  task similarity ({measure}), mean off-diagonal {numbers[f'mean_offdiagonal_{measure}']}:"
+    )
+    for task, row in zip(numbers["tasks"], numbers[f"similarity_{measure}"], strict=True):
+      print(f"    {task:>12} " + " ".join(f"{v:5.2f}" for v in row))
+
+
 def cmd_info(args) -> int:
-  info = _info(_existing(args.ckpt), args.version)
+  ckpt = _existing(args.ckpt)
+  info = _info(ckpt, args.version)
+  if args.plot:
+    info["diagnostics"] = _diagnostics(ckpt, info["version"], args.plot)
   if args.json:
     print(json.dumps(info, indent=2))
     return 0
@@ -187,6 +212,8 @@ def cmd_info(args) -> int:
     f"{s['lora_bytes']:,} bytes as LoRAs; per task {s['ratio_per_task']:.1f}x smaller, "
     f"{s['ratio_with_bases']:.2f}x with bases"
   )
+  if args.plot:
+    _print_diagnostics(info["diagnostics"], args.plot)
   return 0
 
 
@@ -196,10 +223,12 @@ def cmd_versions(args) -> int:
   for v in versions:
     try:
       meta = ckpt.metadata(v)
-      line = f"{len(meta['task_ids'])} tasks\t{meta['saved_at']}"
+      line = f"{len(meta.task_ids)} tasks\t{meta.saved_at}"
     except CheckpointError as e:
       line = f"unreadable: {e}"
     print(f"{v}\t{line}" + ("  (latest)" if v == versions[-1] else ""))
+  for name in ckpt.strays():
+    print(f"{name}\tignored: a numbered entry that is not a complete version")
   return 0
 
 
@@ -278,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("ckpt", metavar="CKPT")
   p.add_argument("--version", type=int, help="default: latest")
   p.add_argument("--json", action="store_true", help="print JSON")
+  p.add_argument(
+    "--plot", metavar="DIR", help="write explained-variance and task-similarity plots (PNG) here"
+  )
 
   p = verb("versions", cmd_versions, "list the versions of a checkpoint")
   p.add_argument("ckpt", metavar="CKPT")

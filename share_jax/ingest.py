@@ -15,11 +15,12 @@ from share_jax._validation import (
   as_tasks,
   check_new_task_ids,
   check_tasks,
+  kernel_spec,
   layout_from_params,
 )
 from share_jax.lora import select_kernels
 from share_jax.paths import Target
-from share_jax.subspace import FactorGroup, KernelSpec, Layout, Subspace, SubspaceConfig
+from share_jax.subspace import FactorGroup, Layout, Subspace, SubspaceConfig
 
 
 def _empty_like(layout: Layout, config: SubspaceConfig, task_capacity: int = 1) -> Subspace:
@@ -42,10 +43,7 @@ def empty_subspace(
   path, or a predicate): the cold start, where the first task trains from its data directly."""
   config = SubspaceConfig(explained_variance, k, max_k, center)
   kernels = select_kernels(params, target)
-  specs = tuple(
-    KernelSpec(p, tuple(int(s) for s in w.shape), str(jnp.dtype(w.dtype)))
-    for p, w in sorted(kernels.items())
-  )
+  specs = tuple(kernel_spec(p, w) for p, w in sorted(kernels.items()))
   return _empty_like(Layout(specs), config, task_capacity)
 
 

@@ -30,7 +30,11 @@ class LoRA:
 
   @property
   def scale(self) -> float:
-    return 1.0 if self.alpha is None else self.alpha / self.rank
+    if self.alpha is None:
+      return 1.0
+    if self.rank == 0:
+      raise ShareError(f"a LoRA of rank 0 has no alpha / r scale (alpha={self.alpha!r})")
+    return self.alpha / self.rank
 
   def delta(self) -> jax.Array:
     """ΔW, (d_in, d_out)."""
@@ -86,6 +90,11 @@ def add_deltas(params: Any, deltas: dict[str, jax.Array]) -> Any:
       raise ShareError(f"ΔW for {path!r}, which the params do not have")
     if tuple(jnp.shape(kernels[path])) != tuple(delta.shape):
       raise ShareError(f"ΔW for {path!r} is {delta.shape}, the kernel {jnp.shape(kernels[path])}")
+    if not jnp.issubdtype(kernels[path].dtype, jnp.floating):
+      raise ShareError(
+        f"kernel {path!r} has dtype {kernels[path].dtype}: W + ΔW would be truncated; "
+        "only floating-point kernels can be adapted"
+      )
 
   def add(path, w):
     delta = deltas.get(join_path(path))

@@ -25,9 +25,11 @@ from typing import Any
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from share_jax.errors import ShareError, UnknownTaskError
+from share_jax.paths import join_path
 
 SIDES = ("a", "b")
 
@@ -75,6 +77,14 @@ class Layout:
     return self.kernels[self.paths.index(path)]
 
 
+def check_finite(tree: Any, what: str) -> None:
+  """An error naming the first floating-point leaf of ``tree`` holding NaN or Inf."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    inexact = hasattr(x, "dtype") and np.issubdtype(x.dtype, np.inexact)
+    if inexact and not bool(jnp.isfinite(x).all()):
+      raise ShareError(f"{what} at {join_path(path)!r} contains NaN or Inf")
+
+
 def group_name(d: int) -> str:
   return f"d{d}"
 
@@ -94,7 +104,7 @@ class SubspaceConfig:
       raise ShareError(f"explained_variance must be in (0, 1], got {ev!r}")
     for name in ("k", "max_k"):
       v = getattr(self, name)
-      if v is not None and (not isinstance(v, int | np.integer) or v < 1):
+      if v is not None and (not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1):
         raise ShareError(f"{name} must be an integer >= 1, got {v!r}")
 
   def limit(self, d: int) -> int:
@@ -183,6 +193,7 @@ class Subspace:
   def with_head(self, task_id: Hashable, head: Any) -> Subspace:
     """A copy that stores ``head`` (any pytree, e.g. a classifier's params) for a known task."""
     i = self.task_index(task_id)
+    check_finite(head, f"task {task_id!r}: head")
     return self.replace(task_heads=self.task_heads[:i] + (head,) + self.task_heads[i + 1 :])
 
   def with_tasks(

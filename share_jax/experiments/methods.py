@@ -70,9 +70,7 @@ class Context:
     self.loss = fitting.classification_loss(backbone.features)
     self.features = jax.jit(backbone.features)
     self.predict = jax.jit(
-      lambda params, head, inputs: jnp.argmax(
-        fitting.logits(head, backbone.features(params, inputs)), -1
-      )
+      lambda params, head, inputs: fitting.logits(head, backbone.features(params, inputs))
     )
     self.lora_optimizer = optax.adam(config.lora.lr)
     self.lora_step = sj.make_step(
@@ -159,8 +157,7 @@ def train_probe(feats: jax.Array, y: jax.Array, *, num_classes: int, steps: int,
   opt = optax.adam(lr)
 
   def loss(head):
-    out = fitting.logits(head, feats)
-    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+    return fitting.head_loss(fitting.logits(head, feats), y)
 
   step = sj.make_step(loss, opt)
 
@@ -230,8 +227,8 @@ class HeadOnly(Method):
   def evaluate(self, j, task):
     if j not in self.heads:
       raise self.unknown(j, self.heads)
-    pred = np.argmax(np.asarray(fitting.logits(self.heads[j], self.test_features[j])), -1)
-    return float(np.mean(pred == task.y_test))
+    out = np.asarray(fitting.logits(self.heads[j], self.test_features[j]))
+    return fitting.score_outputs(task, out)
 
 
 class LoRAPerTask(Method):
@@ -299,14 +296,16 @@ class LoRAJoint(LoRASequential):
       "heads": jax.tree.map(lambda *x: jnp.stack(x), *heads),
     }
 
-    def head_loss(params, heads, batch):
+    def heads_loss(params, heads, batch):
       feats = ctx.backbone.features(params, batch["inputs"])
       w, b = heads["w"][batch["task"]], heads["b"][batch["task"]]
-      out = jnp.where(valid[batch["task"]], jnp.einsum("bh,bhc->bc", feats, w) + b, -1e9)
-      return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]).mean()
+      out = jnp.einsum("bh,bhc->bc", feats, w) + b
+      if jnp.issubdtype(batch["y"].dtype, jnp.integer):  # classes beyond the task's: masked
+        out = jnp.where(valid[batch["task"]], out, -1e9)
+      return fitting.head_loss(out, batch["y"])
 
     def loss(tr, params, batch):
-      return sj.low_rank_loss(head_loss, params, lora_factors(tr["lora"]), tr["heads"], batch)
+      return sj.low_rank_loss(heads_loss, params, lora_factors(tr["lora"]), tr["heads"], batch)
 
     step = bind(sj.make_step(loss, ctx.lora_optimizer), ctx.backbone.params)
     data = [
