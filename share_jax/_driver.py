@@ -8,8 +8,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from share_jax._profiling import call_kernel, phase
 from share_jax.merge import Rule, merge_group
-from share_jax.profiling import call_kernel, phase
 from share_jax.subspace import FactorGroup, Subspace, SubspaceConfig
 
 _MIN_K = 8

@@ -8,10 +8,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from share_jax._profiling import phase
 from share_jax.errors import ShareError
 from share_jax.lora import LoRA, lora_leaves
 from share_jax.paths import flatten_with_paths, leaf_shape
-from share_jax.profiling import phase
 from share_jax.subspace import KernelSpec, Layout, Subspace
 
 LoRAs = Sequence[Any] | Mapping[Hashable, Any]

@@ -121,12 +121,12 @@ _BERT_MLP = (
 SCHEMES = {
   # HF Flax models (FlaxBert/Roberta/ViT/Llama/Mistral…) name params like the torch modules.
   "hf_flax": Scheme("hf_flax", (("{path}", "{path}"),)),
-  # share_jax.models.bert from HF BERT/RoBERTa torch names.
+  # share_jax.experiments.models.bert from HF BERT/RoBERTa torch names.
   "share_bert": Scheme(
     "share_bert",
     (("{prefix}encoder.layer.{i}.attention.self.{qkv}", "layer_{i}/attention/{qkv}"), *_BERT_MLP),
   ),
-  # share_jax.models.vit from HF ViT torch names.
+  # share_jax.experiments.models.vit from HF ViT torch names.
   "share_vit": Scheme(
     "share_vit",
     (

@@ -27,6 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
+from share_jax import diagnostics
 from share_jax.errors import ShareError
 from share_jax.experiments import backbones, glue, hf_backbone, report, synthetic
 from share_jax.experiments import data as datasets
@@ -130,6 +131,17 @@ def accuracy_matrix(method: Method, tasks: list[EncodedTask]) -> np.ndarray:
   return r
 
 
+def write_diagnostics(method: Method, names: list[str], directory: Path) -> None:
+  """Subspace diagnostics (``share_jax.diagnostics``: explained variance vs k, task similarity)
+  of a Share run's subspace, and of per-task LoRAs (the paper's Figure 1)."""
+  subspace = getattr(method, "subspace", None)
+  if subspace is not None:
+    labels = [names[t] if isinstance(t, int) else str(t) for t in subspace.task_ids]
+    diagnostics.write_report(subspace, directory, labels)
+  elif method.name == "lora_per_task" and method.models:
+    diagnostics.write_report({names[i]: lora for i, (lora, _) in method.models.items()}, directory)
+
+
 def reference_diagonal(matrices: dict[str, np.ndarray]) -> np.ndarray | None:
   """Isolated per-task accuracies for FWT: per-task LoRA, else head-only."""
   for name in ("lora_per_task", "head_only"):
@@ -189,6 +201,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   }
   (workdir / "results.json").write_text(json.dumps(out, indent=1, default=list))
   plot_accuracy(matrices, out["tasks"], workdir / "accuracy.png")
+  for name, method in methods.items():
+    write_diagnostics(method, [t.name for t in raw], workdir / f"diagnostics_{name}")
   print(report.table(results))
   ratios = report.parameter_ratios(results)
   if ratios:
