@@ -104,7 +104,7 @@ class SubspaceConfig:
       raise ShareError(f"explained_variance must be in (0, 1], got {ev!r}")
     for name in ("k", "max_k"):
       v = getattr(self, name)
-      if v is not None and (not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1):
+      if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1):
         raise ShareError(f"{name} must be an integer >= 1, got {v!r}")
 
   def limit(self, d: int) -> int:
