@@ -143,6 +143,12 @@ def begin_task(
     raise ShareError(f"begin_task {task_id!r}: scale must be a finite number > 0, got {scale!r}")
   if head is not None:
     check_finite(head, f"task {task_id!r}: head")
+  try:
+    jax.random.split(rng)
+  except (TypeError, ValueError):
+    raise ShareError(
+      f"begin_task {task_id!r}: rng must be a PRNG key (e.g. jax.random.key(0)), got {rng!r:.80}"
+    ) from None
   a_rows = _side_rows(subspace.layout, "a")
   coef, temp, temp_coef = {}, {}, {}
   for g, grp in subspace.groups.items():
