@@ -156,6 +156,24 @@ def test_hf_backbone_frozen_prefix_gives_the_same_features(roberta_dir, glue_dir
   assert set(split.params) == {"encoder"} and set(split.params["encoder"]["layer"]) == {"1"}
 
 
+@needs_transformers
+def test_text_config_takes_a_model_dir(roberta_dir):
+  config = runner.resolve(get_config("text_domains", "quick"))
+  config.model_dir = str(roberta_dir)
+  backbone = runner.make_backbone(config)
+  assert backbone.name.startswith("hf:roberta") and "max_len=16" in backbone.name
+  assert "encoder/layer/1/attention/self/value/kernel" in sj_paths(backbone.params)
+  config.backbone.frozen_layers = 3
+  with pytest.raises(ShareError, match=r"frozen_layers=3 must be in \[0, 2\)"):
+    runner.make_backbone(config)
+
+
+def sj_paths(params) -> set[str]:
+  from share_jax.paths import flatten_with_paths
+
+  return set(flatten_with_paths(params))
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
