@@ -301,14 +301,14 @@ class Subspace:
     codes = np.asarray(self.tasks.code)
     return codes[codes[:, 0] != _EMPTY]
 
-  @property
+  @functools.cached_property
   def task_ids(self) -> tuple[Hashable, ...]:
-    """Ids in learning order (row order)."""
+    """Ids in learning order (row order); read once per (immutable) subspace."""
     return tuple(_id_of(c) for c in self._codes())
 
   @property
   def num_tasks(self) -> int:
-    return len(self._codes())
+    return len(self.task_ids)
 
   @property
   def heads(self) -> dict[Hashable, Any]:
