@@ -15,10 +15,9 @@ examples per class, 4 epochs, batch 32.
 from share_jax.experiments.config import default_config
 
 
-def get_config(arg=None):
+def get_config():
   config = default_config()
   config.data.name = "text_domains"
   config.backbone = {"name": "minilm", "max_len": 48, "frozen_layers": 3}
   config.quick_overrides.backbone = {"name": "tiny_bert", "max_len": 16, "frozen_layers": 0}
-  config.quick = arg == "quick"
   return config

@@ -8,10 +8,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from share_jax._profiling import phase
 from share_jax.errors import ShareError
-from share_jax.lora import LoRA, lora_leaves
+from share_jax.lora import LoRA, factor_problem, lora_leaves
 from share_jax.paths import flatten_with_paths, leaf_shape
-from share_jax.profiling import phase
 from share_jax.subspace import KernelSpec, Layout, Subspace
 
 LoRAs = Sequence[Any] | Mapping[Hashable, Any]
@@ -35,8 +35,7 @@ def as_tasks(loras: LoRAs, task_ids: Sequence[Hashable] | None) -> list[tuple[Ha
     raise ShareError(f"{len(task_ids)} task ids for {len(trees)} LoRA trees")
   seen = set()
   for t in task_ids:
-    if not isinstance(t, str | int) or isinstance(t, bool):
-      raise ShareError(f"task id {t!r} must be a str or an int")
+    check_id(t)
     if t in seen:
       raise ShareError(f"duplicate task id {t!r}")
     seen.add(t)
@@ -54,14 +53,9 @@ def as_tasks(loras: LoRAs, task_ids: Sequence[Hashable] | None) -> list[tuple[Ha
 
 def _factor(task: Hashable, path: str, name: str, x: Any) -> np.ndarray:
   """A factor as a host array; an error for anything but a real floating-point array."""
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise ShareError(
-      f"task {task!r}, {path!r}: factor {name} is a {type(x).__name__}, not an array"
-    )
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ShareError(
-      f"task {task!r}, {path!r}: factor {name} has dtype {x.dtype}, not a floating-point dtype"
-    )
+  problem = factor_problem(x)
+  if problem:
+    raise ShareError(f"task {task!r}, {path!r}: factor {name} {problem}")
   return np.asarray(x)
 
 
@@ -139,8 +133,14 @@ def check_params(params: Any, layout: Layout) -> dict[str, Any]:
 
 
 @phase("validate")
+def check_id(task_id: Any) -> None:
+  if not isinstance(task_id, str | int) or isinstance(task_id, bool):
+    raise ShareError(f"task id {task_id!r} must be a str or an int")
+
+
 def check_new_task_ids(subspace: Subspace, task_ids: Sequence[Hashable]) -> None:
-  """An error naming any id the subspace already holds."""
+  """An error naming any id that is not a str or an int, or that the subspace already holds."""
   for t in task_ids:
+    check_id(t)
     if t in subspace.task_ids:
       raise ShareError(f"duplicate task id {t!r}: the subspace already holds it")

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from share_jax._factors import factor_columns
 from share_jax._validation import as_tasks
 from share_jax.apply import reconstruct
 from share_jax.errors import ShareError
@@ -41,9 +42,7 @@ MEASURES = ("cka", "angles")
 
 def lora_columns(lora: LoRA) -> dict[str, np.ndarray]:
   """A LoRA's side columns in float64: ``a`` (d_in, r) and ``b`` = (b · scale)ᵀ (d_out, r)."""
-  a = np.asarray(lora.a, np.float64)
-  b = np.asarray(lora.b, np.float64) * float(lora.scale)
-  return {"a": a, "b": b.T}
+  return factor_columns(lora, np.float64)
 
 
 def task_factors(source: Source) -> tuple[list[Hashable], list[dict[str, dict[str, np.ndarray]]]]:

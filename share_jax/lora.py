@@ -54,8 +54,19 @@ def lora_leaves(tree: Any) -> dict[str, LoRA]:
   return leaves
 
 
+def factor_problem(x: Any) -> str | None:
+  """What makes ``x`` unfit as a LoRA factor (``None``: a floating-point array)."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    return f"is a {type(x).__name__}, not an array"
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return f"has dtype {x.dtype}, not a floating-point dtype"
+  return None
+
+
 def select_kernels(params: Any, target: Target) -> dict[str, jax.Array]:
   """The 2-D leaves of ``params`` whose joined path ``target`` selects."""
+  if not (isinstance(target, str) or callable(target)):
+    raise ShareError(f"target must be a regex string or a predicate, got {target!r}")
   pred = as_predicate(target)
   chosen = {
     p: x for p, x in flatten_with_paths(params).items() if len(leaf_shape(x)) == 2 and pred(p, x)
@@ -108,4 +119,10 @@ def add_deltas(params: Any, deltas: dict[str, jax.Array]) -> Any:
 def apply_lora(params: Any, lora_tree: Any) -> Any:
   """``params`` with W + ΔW on every kernel ``lora_tree`` adapts (matched by joined key path);
   dtypes kept, other leaves untouched. Differentiable in ``lora_tree``."""
-  return add_deltas(params, {path: lora.delta() for path, lora in lora_leaves(lora_tree).items()})
+  leaves = lora_leaves(lora_tree)
+  for path, lora in leaves.items():
+    for name in ("a", "b"):
+      problem = factor_problem(getattr(lora, name))
+      if problem:
+        raise ShareError(f"LoRA at {path!r}: factor {name} {problem}")
+  return add_deltas(params, {path: lora.delta() for path, lora in leaves.items()})

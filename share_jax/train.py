@@ -4,6 +4,13 @@ A new task trains, per adapted kernel and side, coefficients ε (K × p) on the 
 plus φ temporary factors T (d × φ) with their coefficients ε_T (φ × p) (paper §1.5): the side's
 factor columns are ``basis @ ε + T @ ε_T`` and ΔW = F_a F_bᵀ. ``finish_task`` folds the trained
 factor columns into the bases (what T learned survives) and re-projects every old task.
+
+A state remembers the bases it was begun (or read) on, ``TaskState.origin``: a static field, not
+trained, that ``make_train_step``'s step keeps out of its compiled signature. So a task that
+trained while another was merged (e.g. an adapter absorbed meanwhile) is merged exactly as it
+trained: its ΔW on its own bases, not its coefficients read against bases they were not fitted
+to. ``set_task`` cannot re-base coefficients without changing the bases, so it refuses a stale
+state instead.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from share_jax._driver import merge_columns
 from share_jax._validation import check_new_task_ids, check_params
 from share_jax.apply import apply_factors
 from share_jax.errors import ShareError
+from share_jax.fidelity import stored_norms
 from share_jax.merge import mm, scatter_factor, side_factors
 from share_jax.subspace import Layout, Subspace, check_finite
 
@@ -108,6 +116,10 @@ def _init_group(basis, rank, on_a, rng, *, p: int, phi: int, std: float):
   return coef, temp, temp_coef
 
 
+def _positive_finite(x: Any) -> bool:
+  return isinstance(x, int | float | np.number) and not isinstance(x, bool) and 0 < x < np.inf
+
+
 def begin_task(
   subspace: Subspace,
   task_id: Hashable,
@@ -128,10 +140,16 @@ def begin_task(
   for name, value, low in (("p", p, 1), ("phi", phi, 0)):
     if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
       raise ShareError(f"begin_task {task_id!r}: {name} must be an integer >= {low}, got {value!r}")
-  if scale is not None and not (isinstance(scale, int | float) and 0 < scale < float("inf")):
+  if scale is not None and not _positive_finite(scale):
     raise ShareError(f"begin_task {task_id!r}: scale must be a finite number > 0, got {scale!r}")
   if head is not None:
     check_finite(head, f"task {task_id!r}: head")
+  try:
+    jax.random.split(rng)
+  except (TypeError, ValueError):
+    raise ShareError(
+      f"begin_task {task_id!r}: rng must be a PRNG key (e.g. jax.random.key(0)), got {rng!r:.80}"
+    ) from None
   a_rows = _side_rows(subspace.layout, "a")
   coef, temp, temp_coef = {}, {}, {}
   for g, grp in subspace.groups.items():
@@ -262,7 +280,9 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
   """Store fine-tuned coefficients (and head) of a task already held; bases are unchanged.
 
   The trainable must carry no temporary factors (their span is not in the bases): merge with
-  ``finish_task`` first. The scatter statistics the next merge needs are refreshed.
+  ``finish_task`` first. The scatter statistics the next merge needs are refreshed, and the
+  task's fidelity record restarts from the stored coefficients (``task_errors`` then measures
+  later merges' loss against them).
   """
   i = subspace.task_index(task_id)
   _check_state(subspace, trainable, task_id)
@@ -284,5 +304,9 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
     coef = _write(grp.coef, jnp.asarray(i, jnp.int32), trainable.coef[g].astype(jnp.float32))
     scatter = scatter_factor(coef, grp.ncols, center=subspace.config.center)
     groups[g] = grp.replace(coef=coef, scatter=scatter)
-  out = subspace.replace(groups=groups)
+  norm = stored_norms(groups, subspace.layout)[i]  # stored exactly: the new original, error 0
+  tasks = subspace.tasks.replace(
+    norm=subspace.tasks.norm.at[i].set(norm), error=subspace.tasks.error.at[i].set(0.0)
+  )
+  out = subspace.replace(groups=groups, tasks=tasks)
   return out if trainable.head is None else out.with_head(task_id, trainable.head)
