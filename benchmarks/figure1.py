@@ -71,13 +71,16 @@ def random_like(loras: dict, seed: int) -> dict:
   return out
 
 
-def novelty_curve(params, loras: list) -> list[float]:
-  """Novelty of LoRA i against the subspace of LoRAs 0..i-1 (90 % explained variance)."""
-  out = []
+def novelty_curve(params, loras: list) -> tuple[list[float], list[float]]:
+  """Novelty of LoRA i against the subspace of LoRAs 0..i-1 (90 % explained variance): of its
+  ΔW, and of its side-b factors (mean over kernels)."""
+  total, side_b = [], []
   for i in range(1, len(loras)):
     sub = sj.init_subspace(params, loras[:i], explained_variance=0.9)
-    out.append(dg.novelty(sub, loras[i]).total)
-  return out
+    nov = dg.novelty(sub, loras[i])
+    total.append(nov.total)
+    side_b.append(float(np.mean([v for (_, s), v in nov.sides.items() if s == "b"])))
+  return total, side_b
 
 
 def side_mean_curve(curves: dict, side: str, length: int) -> np.ndarray:
@@ -118,8 +121,11 @@ def plot(path: Path, trained: dict, random: dict, names, sim, nov_t, nov_r) -> N
   axes[1].set_yticks(range(t), names, fontsize=6)
   axes[1].set_title("linear CKA of ΔW between task LoRAs", fontsize=9)
   fig.colorbar(im, ax=axes[1], fraction=0.046)
-  axes[2].plot(range(2, len(nov_t) + 2), nov_t, "o-", label="trained LoRAs")
-  axes[2].plot(range(2, len(nov_r) + 2), nov_r, "o:", label="random LoRAs")
+  x = range(2, len(nov_t[0]) + 2)
+  axes[2].plot(x, nov_t[0], "o-", color="C0", label="trained LoRAs, ΔW")
+  axes[2].plot(x, nov_t[1], "s-", color="C1", label="trained LoRAs, side b")
+  axes[2].plot(x, nov_r[0], "o:", color="C0", label="random LoRAs, ΔW")
+  axes[2].plot(x, nov_r[1], "s:", color="C1", label="random LoRAs, side b")
   axes[2].set_xlabel("LoRA i (vs subspace of LoRAs 1..i-1)")
   axes[2].set_ylabel("novelty (energy outside the bases)")
   axes[2].set_ylim(0, 1.02)
@@ -187,9 +193,10 @@ def main(argv=None) -> None:
     f"| … different tasks | {np.mean(other_task):.3f} | – |",
     f"| principal-angle cos² of spans, mean off-diagonal | {offdiag(ang_t).mean():.3f} | "
     f"{offdiag(ang_r).mean():.3f} |",
-    "| novelty of task i vs subspace of tasks < i (90 % EV), i = 2.."
-    f"{len(tasks)} | "
-    f"{', '.join(f'{v:.2f}' for v in nov_t)} | {', '.join(f'{v:.2f}' for v in nov_r)} |",
+    f"| novelty of task i's ΔW vs subspace of tasks < i (90 % EV), i = 2..{len(tasks)} | "
+    f"{', '.join(f'{v:.2f}' for v in nov_t[0])} | {', '.join(f'{v:.2f}' for v in nov_r[0])} |",
+    f"| … of its side-b factors (mean over kernels) | "
+    f"{', '.join(f'{v:.2f}' for v in nov_t[1])} | {', '.join(f'{v:.2f}' for v in nov_r[1])} |",
   ]
   text = "\n".join(
     [

@@ -82,6 +82,7 @@ def test_reader_handles_every_task_layout(glue_dir):
   assert sts.y_train[0] == pytest.approx(
     float((glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[1].split("\t")[-1])
   )
+  assert sts.x_train[-1] == ("the cat", "a dog") and sts.y_train[-1] == np.float32(4.25)
   assert by["RTE"].class_names == ("entailment", "not_entailment")
   assert len(by["SST-2"].x_test) == 8  # dev.tsv is the test split
 

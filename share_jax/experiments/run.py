@@ -4,7 +4,8 @@
     python -m share_jax.run --config configs/text_domains.py --workdir /tmp/q --config.quick=True
 
 Writes ``WORKDIR/results.json`` (per method: accuracy matrix in percent, ACC, BWT, forgetting,
-FWT, parameters and bytes per task, wall time, strictness) and ``WORKDIR/accuracy.png``, and
+FWT, parameters and bytes per task, wall time, strictness), ``WORKDIR/accuracy.png`` and, for
+Share and per-task LoRA, ``WORKDIR/diagnostics_<method>/`` (``share_jax.diagnostics``), and
 prints a comparison table. Metrics are defined in ``share_jax.experiments.metrics``.
 """
 
