@@ -32,9 +32,10 @@ from share_jax import diagnostics
 from share_jax.errors import ShareError
 from share_jax.experiments import backbones, glue, hf_backbone, report, synthetic
 from share_jax.experiments import data as datasets
+from share_jax.experiments.config import ALL_METHODS
+from share_jax.experiments.fitting import EncodedTask, check_task, encode_task
 from share_jax.experiments.methods import METHODS, Context, Method
 from share_jax.experiments.plots import plot_accuracy
-from share_jax.experiments.training import EncodedTask, check_task, encode_task
 from share_jax.lora import select_kernels
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
@@ -44,10 +45,13 @@ VISION = "share_jax.experiments.vision"
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """An unlocked copy, with ``quick_overrides`` applied when ``quick`` is set."""
+  """An unlocked copy, with ``quick_overrides`` applied when ``quick`` is set and every method
+  when ``all_methods`` is."""
   config = ml_collections.ConfigDict(config.to_dict())
   if config.quick:
     config.update(config.quick_overrides)
+  if config.get("all_methods"):
+    config.methods = ALL_METHODS
   return config
 
 
