@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from share_jax.errors import ShareError
@@ -50,8 +49,14 @@ def as_tasks(loras: LoRAs, task_ids: Sequence[Hashable] | None) -> list[tuple[Ha
   return out
 
 
-def check_factors(task: Hashable, path: str, lora: LoRA, shape: tuple[int, int]) -> None:
+def check_factors(task: Hashable, path: str, lora: LoRA, spec: KernelSpec) -> None:
   a, b = np.asarray(lora.a), np.asarray(lora.b)
+  shape = spec.shape
+  if lora.transposed != spec.transposed:
+    raise ShareError(
+      f"task {task!r}, {path!r}: LoRA transposed={lora.transposed} but the kernel is stored "
+      f"{'(out, in)' if spec.transposed else '(in, out)'}"
+    )
   if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
     raise ShareError(
       f"task {task!r}, {path!r}: factors a {a.shape}, b {b.shape} are not (d_in, r), (r, d_out)"
@@ -74,7 +79,7 @@ def check_tasks(layout: Layout, tasks: list[tuple[Hashable, dict]]) -> None:
         f"task {t!r} adapts a different set of kernels: unexpected {extra}, missing {missing}"
       )
     for path, lora in leaves.items():
-      check_factors(t, path, lora, layout.spec(path).shape)
+      check_factors(t, path, lora, layout.spec(path))
 
 
 def layout_from_params(params: Any, tasks: list[tuple[Hashable, dict]]) -> Layout:
@@ -85,9 +90,10 @@ def layout_from_params(params: Any, tasks: list[tuple[Hashable, dict]]) -> Layou
     if path not in kernels:
       raise ShareError(f"task {first_task!r}: LoRA at {path!r}, which the params do not have")
     w = kernels[path]
-    if len(leaf_shape(w)) != 2:
-      raise ShareError(f"{path!r} is not a 2-D kernel (shape {leaf_shape(w)})")
-    specs.append(KernelSpec(path, tuple(int(s) for s in w.shape), str(jnp.dtype(w.dtype))))
+    try:
+      specs.append(KernelSpec.of(path, w, first[path].transposed))
+    except ShareError as e:
+      raise ShareError(f"{path!r}: {e}") from None
   return Layout(tuple(specs))
 
 
@@ -97,9 +103,9 @@ def check_params(params: Any, layout: Layout) -> dict[str, Any]:
   for spec in layout.kernels:
     if spec.path not in leaves:
       raise ShareError(f"params have no kernel at {spec.path!r}")
-    if leaf_shape(leaves[spec.path]) != spec.shape:
+    if leaf_shape(leaves[spec.path]) != spec.stored_shape:
       raise ShareError(
-        f"kernel {spec.path!r} has shape {leaf_shape(leaves[spec.path])}, not {spec.shape}"
+        f"kernel {spec.path!r} has shape {leaf_shape(leaves[spec.path])}, not {spec.stored_shape}"
       )
   return leaves
 

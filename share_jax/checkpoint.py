@@ -118,7 +118,10 @@ def _meta(subspace: Subspace, arrays: dict, task_meta: list, base: dict | None) 
     "task_meta": task_meta,
     "config": dataclasses.asdict(subspace.config),
     "layout": [
-      {"path": s.path, "shape": list(s.shape), "dtype": s.dtype} for s in subspace.layout.kernels
+      {"path": s.path, "shape": list(s.shape), "dtype": s.dtype}
+      | ({"kernel_shape": list(s.stored_shape)} if s.kernel_shape else {})
+      | ({"transposed": True} if s.transposed else {})
+      for s in subspace.layout.kernels
     ],
     "ranks": [
       {"path": p, "side": side, "k": ranks[(p, side)], "energy": float(energy[g][row])}
@@ -140,7 +143,16 @@ def _subspace(meta: dict, arrays: dict[str, jax.Array]) -> Subspace:
     groups={g: FactorGroup(**fields) for g, fields in tree["groups"].items()},
     heads={task_ids[i]: tree.get("heads", {}).get(str(i), {}) for i in meta["heads"]},
     layout=Layout(
-      tuple(KernelSpec(s["path"], tuple(s["shape"]), s["dtype"]) for s in meta["layout"])
+      tuple(
+        KernelSpec(
+          s["path"],
+          tuple(s["shape"]),
+          s["dtype"],
+          tuple(s["kernel_shape"]) if "kernel_shape" in s else None,
+          bool(s.get("transposed", False)),
+        )
+        for s in meta["layout"]
+      )
     ),
     task_ids=task_ids,
     config=SubspaceConfig(**meta["config"]),

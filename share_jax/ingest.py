@@ -17,7 +17,7 @@ from share_jax._validation import (
   check_tasks,
   layout_from_params,
 )
-from share_jax.lora import select_kernels
+from share_jax.lora import select_kernels, selects
 from share_jax.paths import Target
 from share_jax.subspace import FactorGroup, KernelSpec, Layout, Subspace, SubspaceConfig
 
@@ -37,15 +37,15 @@ def empty_subspace(
   max_k: int | None = None,
   center: bool = True,
   task_capacity: int = 1,
+  transposed: Target | None = None,
 ) -> Subspace:
   """A subspace with no task yet over the kernels ``target`` selects (a regex on the joined key
-  path, or a predicate): the cold start, where the first task trains from its data directly."""
+  path, or a predicate): the cold start, where the first task trains from its data directly.
+  Convolution kernels adapt as (∏ window · c_in, c_out); ``transposed`` selects the kernels
+  stored (d_out, d_in) (HF Flax GPT-2's Conv1D)."""
   config = SubspaceConfig(explained_variance, k, max_k, center)
   kernels = select_kernels(params, target)
-  specs = tuple(
-    KernelSpec(p, tuple(int(s) for s in w.shape), str(jnp.dtype(w.dtype)))
-    for p, w in sorted(kernels.items())
-  )
+  specs = tuple(KernelSpec.of(p, w, selects(transposed, p, w)) for p, w in sorted(kernels.items()))
   return _empty_like(Layout(specs), config, task_capacity)
 
 
