@@ -10,7 +10,7 @@ columns plus the new LoRA's, a d × (T·r + r) stack.
 It also checks that share_jax's new bases and old-task reconstructions equal (a)'s.
 
   python -m benchmarks.merge                      # T = 10 100 1000, roberta and 7b shapes
-  python -m benchmarks.merge --quick              # T = 10 100, roberta, 3 reps
+  python -m benchmarks.merge --quick              # T = 4 16, tiny shapes, 2 reps (smoke test)
   python -m benchmarks.merge --T 10 1000 --shapes 7b --reps 7 --profile
 
 Baselines are expensive (a 4096 × 4096 ``eig`` takes minutes here); every baseline cell gets a
@@ -34,14 +34,10 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import share_jax as sj
-from share_jax import _driver as core
-from share_jax._factors import factor_columns
-from share_jax.merge import merge_group, mm
-from share_jax.paths import nest
+from share_jax import diagnostics, profiling
 
 # ----------------------------------------------------------------------------- problem
 
@@ -76,6 +72,7 @@ SHAPES = {
   "roberta": Shape("roberta", d=768, n_layers=12, r=8, k=32),
   "7b": Shape("7b", d=4096, n_layers=2, r=16, k=64),
   "7b-k256": Shape("7b-k256", d=4096, n_layers=2, r=16, k=256),
+  "tiny": Shape("tiny", d=128, n_layers=2, r=4, k=8),
 }
 
 
@@ -89,7 +86,7 @@ class Planted:
     self.scales = np.geomspace(1.0, 0.05, h).astype(np.float32)[:, None]
     self.noise = np.float32(0.1 / np.sqrt(d))  # noise column norm ≈ 0.1, signal ≈ 3
     self.hidden = {p: (self._ortho(d, h), self._ortho(d, h)) for p in shape.paths}
-    self.params = nest({p: np.zeros((d, d), np.float32) for p in shape.paths})
+    self.params = sj.nest({p: np.zeros((d, d), np.float32) for p in shape.paths})
 
   def _ortho(self, d: int, h: int) -> np.ndarray:
     return np.linalg.qr(self.rng.standard_normal((d, h), np.float32))[0]
@@ -100,7 +97,7 @@ class Planted:
     return x + self.noise * self.rng.standard_normal(x.shape, np.float32)
 
   def lora(self) -> dict:
-    return nest(
+    return sj.nest(
       {p: sj.LoRA(self._side(ua), self._side(ub).T) for p, (ua, ub) in self.hidden.items()}
     )
 
@@ -172,50 +169,16 @@ def absorb_one(sub: sj.Subspace, new: dict) -> sj.Subspace:
   return block(sj.absorb(sub, [new], task_ids=["new"]))
 
 
-def kernel_calls(sub: sj.Subspace, new: dict) -> list[tuple]:
-  """The ``merge_group`` calls (arguments as passed) that ``absorb`` makes for one new task."""
-  calls = []
-
-  def spy(group, x, ncols, start, *, k_out, rule):
-    calls.append((group, x, ncols, start, k_out, rule))
-    return merge_group(group, x, ncols, start, k_out=k_out, rule=rule)
-
-  core.merge_group = spy
-  try:
+def kernel_calls(sub: sj.Subspace, new: dict) -> list[profiling.KernelCall]:
+  """The jitted merge kernel calls (arguments as passed) that ``absorb`` makes for one new task."""
+  with profiling.record() as rec:
     absorb_one(sub, new)
-  finally:
-    core.merge_group = merge_group
-  return calls
+  return rec.kernels
 
 
-def compile_call(group, x, ncols, start, k_out, rule):
-  return merge_group.lower(group, x, ncols, start, k_out=k_out, rule=rule).compile()
-
-
-def run_kernel(calls: list[tuple]) -> None:
-  for group, x, ncols, start, k_out, rule in calls:
-    jax.block_until_ready(merge_group(group, x, ncols, start, k_out=k_out, rule=rule))
-
-
-@jax.jit
-def reproject_task_minor(coef: jax.Array, rot: jax.Array, x_coef: jax.Array, start: jax.Array):
-  """The same rotation with coefficients stored (L, K, T·P): one batched GEMM, no transposes,
-  the new rows written in place, no T-sized sum (the column sum kept in the state instead)."""
-  new = mm("lkj,ljn->lkn", rot, coef)
-  return jax.lax.dynamic_update_slice_in_dim(new, x_coef, start * x_coef.shape[-1], axis=2)
-
-
-@jax.jit
-def reproject_only(coef: jax.Array, rot: jax.Array, x_coef: jax.Array, start: jax.Array):
-  """The part of ``merge_group`` whose work grows with T: the old-coefficient sum (for the mean),
-  the rotation of every stored task (same vmap axes) and the row update."""
-  mu = jnp.sum(coef, axis=(0, 3))
-  new = jax.vmap(lambda m, c: mm("kj,tjp->tkp", m, c), in_axes=(0, 1), out_axes=1)(rot, coef)
-  return jax.lax.dynamic_update_slice_in_dim(new, x_coef, start, axis=0), mu
-
-
-def shape_r(tasks) -> int:
-  return max(lora.rank for _, lv in tasks for lora in lv.values())
+def run_kernel(calls: list[profiling.KernelCall]) -> None:
+  for call in calls:
+    call.run()
 
 
 def first_call(sub: sj.Subspace, new: dict) -> dict:
@@ -225,7 +188,7 @@ def first_call(sub: sj.Subspace, new: dict) -> dict:
   first, out = timed(absorb_one, sub, new)
   calls = kernel_calls(sub, new)
   jax.clear_caches()
-  compile_s = sum(timed(compile_call, *call)[0] for call in calls)
+  compile_s = sum(timed(lambda c: c.lower().compile(), call)[0] for call in calls)
   (cap,), (cap_out,) = ({g.capacity[1] for g in s.groups.values()} for s in (sub, out))
   t_cap = str(cap) if cap == cap_out else f"{cap}→{cap_out}"
   return {"first_s": first, "compile_s": compile_s, "t_cap": t_cap, "out": out, "calls": calls}
@@ -248,12 +211,12 @@ def time_share(subs: dict, new: dict, reps: int, profile: bool) -> dict:
     r["absorb_s"], r["kernel_s"] = median(runs[t]["absorb"]), median(runs[t]["kernel"])
     r["absorb_runs"] = runs[t]["absorb"]
     if profile:
-      r["profile"] = profile_host(sub, new, r["calls"], reps)
+      r["profile"] = profile_phases(sub, new, reps)
       r["xla_ops"] = xla_ops(r["calls"], reps)
   return res
 
 
-def xla_ops(calls: list[tuple], reps: int, top: int = 8) -> list[tuple[str, float]]:
+def xla_ops(calls: list[profiling.KernelCall], reps: int, top: int = 8) -> list[tuple[str, float]]:
   """(XLA op, ms per call) of the ``merge_group`` calls, from a ``jax.profiler`` trace."""
   import collections
   import glob
@@ -272,7 +235,7 @@ def xla_ops(calls: list[tuple], reps: int, top: int = 8) -> list[tuple[str, floa
   for e in events:
     if e.get("ph") == "X" and not e["name"].startswith(skip):
       total[e["name"]] += e.get("dur", 0) / 1e3 / reps
-  hlo = "\n".join(compile_call(*call).as_text() for call in calls)
+  hlo = "\n".join(call.lower().compile().as_text() for call in calls)
   out = []
   for name, ms in total.most_common(top):
     m = re.search(rf"%{re.escape(name)} = .*?op_name=\"([^\"]*)\"", hlo)
@@ -280,61 +243,35 @@ def xla_ops(calls: list[tuple], reps: int, top: int = 8) -> list[tuple[str, floa
   return out
 
 
-def profile_host(sub: sj.Subspace, new: dict, calls: list[tuple], reps: int) -> dict:
-  """Medians of absorb's host-side steps and of the T-dependent part of the kernel."""
-  host = {"validate": [], "stack": []}
+def profile_phases(sub: sj.Subspace, new: dict, reps: int) -> dict:
+  """Medians of absorb's phases (``share_jax.profiling``: validate, stack, merge) over reps."""
+  runs = []
   for _ in range(reps):
-    t, tasks = timed(core._as_tasks, [new], ["new"])
-    t += timed(core._resolve_task_ids, sub, ["new"])[0]
-    t += timed(core._check_tasks, sub.layout, tasks)[0]
-    host["validate"].append(t)
-    host["stack"].append(timed(core._stack, sub.layout, [tasks[0][1]], 1, shape_r(tasks))[0])
-  parts = []
-  for group, _, _, start, k_out, _ in calls:
-    n_slots, k_in, _, p = group.basis.shape[0], *group.capacity
-    rot = jnp.ones((n_slots, k_out, k_in), jnp.float32)
-    parts.append((group.coef, rot, jnp.zeros((1, n_slots, k_out, p), jnp.float32), start))
-
-  def reproject():
-    for part in parts:
-      jax.block_until_ready(reproject_only(*part))
-
-  alt = []
-  for coef, rot, _, start in parts:
-    t, n_slots, k, p = coef.shape
-    minor = jnp.transpose(coef, (1, 2, 0, 3)).reshape(n_slots, k, t * p)
-    alt.append((minor, rot, jnp.zeros((n_slots, rot.shape[1], p), jnp.float32), start))
-
-  def reproject_alt():
-    for part in alt:
-      jax.block_until_ready(reproject_task_minor(*part))
-
-  reproject()
-  reproject_alt()
-  host["reproject"] = [timed(reproject)[0] for _ in range(reps)]
-  host["reproject_alt"] = [timed(reproject_alt)[0] for _ in range(reps)]
-  return {name: median(v) for name, v in host.items()}
+    with profiling.record() as rec:
+      absorb_one(sub, new)
+    runs.append(rec.seconds)
+  return {name: median([r.get(name, 0.0) for r in runs]) for name in runs[0]}
 
 
 # ----------------------------------------------------------------------------- baselines
 
 
-def explicit_svd(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """(a): thin SVD of the centred explicit stack, then every task's coefficients."""
+def explicit_svd(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(a): thin SVD of the centred explicit stack, then every task's coefficients (timed too).
+  Returns (basis, singular values, coefficients)."""
   u, s, _ = np.linalg.svd(x - x.mean(axis=1, keepdims=True), full_matrices=False)
   u = u[:, :k]
-  u.T @ x
-  return u, s
+  return u, s, u.T @ x
 
 
-def covariance_eig(x: np.ndarray, k: int) -> tuple[np.ndarray, None]:
-  """(b): general eig of the d × d centred covariance (the reference code), then project."""
+def covariance_eig(x: np.ndarray, k: int) -> tuple[np.ndarray, None, np.ndarray]:
+  """(b): general eig of the d × d centred covariance (the reference code), then every task's
+  coefficients (timed too). Returns (basis, None, coefficients)."""
   xc = x - x.mean(axis=1, keepdims=True)
   w, v = np.linalg.eig(xc @ xc.T)
   order = np.argsort(w.real)[::-1][:k]
   u = np.ascontiguousarray(v.real[:, order])
-  u.T @ x
-  return u, None
+  return u, None, u.T @ x
 
 
 BASELINES = {"a": explicit_svd, "b": covariance_eig}
@@ -350,7 +287,7 @@ def flops(method: str, d: int, n: int) -> float:
 def slot_stacks(sub: sj.Subspace, new: dict, shape: Shape) -> Callable[[int], np.ndarray]:
   """Slot i → float32 (d, T·r + r): old tasks' reconstructions β ε_t, then the new columns."""
   t = sub.num_tasks
-  new_leaves = sj.lora_leaves(new)
+  new_cols = {path: diagnostics.lora_columns(lo) for path, lo in sj.lora_leaves(new).items()}
   slots = list(sub.layout.slots.items())
   host = {g: tuple(map(np.asarray, (v.basis, v.coef, v.rank))) for g, v in sub.groups.items()}
 
@@ -360,7 +297,7 @@ def slot_stacks(sub: sj.Subspace, new: dict, shape: Shape) -> Callable[[int], np
     kk = int(rank[row])
     c = coef[:t, row, :kk, : shape.r]  # (T, k, r): every task here has rank r
     old = basis[row, :, :kk] @ c.transpose(1, 0, 2).reshape(kk, t * shape.r)
-    return np.concatenate([old, factor_columns(new_leaves[path])[side]], axis=1)
+    return np.concatenate([old, new_cols[path][side].astype(np.float32)], axis=1)
 
   return get
 
@@ -383,7 +320,7 @@ def time_baseline(method: str, get, shape: Shape, t: int, args, history: dict, l
       if row and spent > args.baseline_budget:
         break
       x = get(i)
-      dt, (u, s) = timed(fn, x, shape.k)
+      dt, (u, s, _coef) = timed(fn, x, shape.k)
       row.append(dt)
       spent += dt
       if rep == 0:
@@ -513,14 +450,14 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--no-baselines", action="store_true")
   p.add_argument("--chunk", type=int, default=30, help="LoRAs per absorb while building")
   p.add_argument("--profile", action="store_true", help="host-side and reprojection breakdown")
-  p.add_argument("--quick", action="store_true", help="T 10 100, roberta, 3 reps, small budgets")
+  p.add_argument("--quick", action="store_true", help="smoke test: T 4 16, tiny shapes, 2 reps")
   p.add_argument("--blas-threads", type=int, help="OpenBLAS threads while timing (default: as is)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", help="write raw results here")
   args = p.parse_args(argv)
   if args.quick:
-    args.T, args.shapes, args.reps = [10, 100], "roberta", 3
-    args.baseline_reps, args.baseline_budget = 1, 10.0
+    args.T, args.shapes, args.reps, args.chunk = [4, 16], "tiny", 2, 8
+    args.baseline_reps, args.baseline_budget = 1, 5.0
   args.reps = max(args.reps, 1)
   return args
 
@@ -584,17 +521,14 @@ def main(argv=None) -> None:
       print(f"{name}: growth T={hi}/T={lo}: absorb {g_abs:.2f}×, merge_group {g_ker:.2f}×")
   if args.profile:
     print()
-    print(
-      "| shape | T | absorb | merge_group | validate | _stack | T-part of merge_group "
-      "| same, (L,K,T·P) layout |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    print("absorb's phases (share_jax.profiling; merge = capacity planning + merge_group calls):")
+    print("| shape | T | absorb | merge_group | validate | stack | merge |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-      s, p = r["share"], r["share"].get("profile", {})
+      s, p = r["share"], r["share"]["profile"]
       print(
         f"| {r['shape']} | {r['T']} | {s['absorb_s'] * 1e3:.1f} ms | {s['kernel_s'] * 1e3:.1f} ms "
-        f"| {p['validate'] * 1e3:.2f} ms | {p['stack'] * 1e3:.2f} ms "
-        f"| {p['reproject'] * 1e3:.2f} ms | {p['reproject_alt'] * 1e3:.2f} ms |"
+        f"| {p['validate'] * 1e3:.2f} ms | {p['stack'] * 1e3:.2f} ms | {p['merge'] * 1e3:.2f} ms |"
       )
     print()
     print("XLA ops of merge_group (ms per call, from a jax.profiler trace):")

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,9 +30,9 @@ import numpy as np
 import optax
 
 import share_jax as sj
-from benchmarks.results_file import write_section
-from benchmarks.serving import random_loras
+from benchmarks.results_file import report
 from share_jax.experiments import backbones, training
+from share_jax.experiments.synthetic import random_loras
 from share_jax.lora import apply_lora, select_kernels
 from share_jax.paths import as_predicate, flatten_with_paths
 from share_jax.subspace import SIDES
@@ -156,7 +153,7 @@ def variants(bb: backbones.Backbone, batch: dict, args) -> tuple[dict[str, Varia
     lambda tr: apply_lora(params, tr["lora"]),
     size(lora),
   )
-  loras = random_loras(params, bb.target, args.loras, args.rank, seed=1)
+  loras = random_loras(params, bb.target, args.loras, rank=args.rank, seed=1)
   sub = sj.init_subspace(params, loras, k=args.k)
   share_step = sj.make_train_step(loss, opt, sub.layout)
   factored_step = training.make_step(factored_objective(loss, sub.layout), opt)
@@ -263,16 +260,10 @@ def main() -> None:
       f"{gbytes:.3f} | {first[n]:.1f} | {step_s[n] * 1e3:.4g} | {1 / step_s[n]:.2f} | "
       f"{paired_ratio(wall[lora], wall[n])} | {paired_ratio(cpu[lora], cpu[n])} | {adapter} |"
     )
-  device = jax.devices()[0]
-  text = "\n".join(
+  report(
+    HEADING,
+    "benchmarks.train_step",
     [
-      HEADING,
-      "",
-      f"`{' '.join(['python -m benchmarks.train_step', *sys.argv[1:]])}` — "
-      f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()}-core "
-      f"{device.platform.upper()}, jax {jax.__version__}, shared with other processes "
-      f"(compare ratios within the table, not absolute times).",
-      "",
       f"{bb.name}; adapters on `{bb.target}` ({len(kernels)} "
       f"kernels); batch {args.batch} × {args.seq} tokens, {NUM_CLASSES}-way linear head, Adam. "
       f"Share's subspace: k = {args.k} per side from {args.loras} random rank-{args.rank} LoRAs. "
@@ -295,12 +286,10 @@ def main() -> None:
           *notes,
         ]
       ),
-      "",
-    ]
+    ],
+    write=args.write,
+    note=", shared with other processes (compare ratios within the table, not absolute times)",
   )
-  print(text)
-  if args.write:
-    write_section(HEADING, text)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,19 @@
 from share_jax._version import __version__
 from share_jax.apply import apply_factors, project, reconstruct, task_params
 from share_jax.errors import ShareError, UnknownTaskError
+from share_jax.fidelity import task_errors
 from share_jax.ingest import absorb, empty_subspace, init_subspace
-from share_jax.lora import LoRA, apply_lora, init_lora_tree, lora_leaves
+from share_jax.lora import LoRA, apply_lora, init_lora_tree, lora_leaves, select_kernels
+from share_jax.paths import flatten_with_paths, nest
 from share_jax.storage import Storage, storage
-from share_jax.subspace import FactorGroup, Layout, Subspace, SubspaceConfig
+from share_jax.subspace import (
+  FactorGroup,
+  FidelityError,
+  FidelityWarning,
+  Layout,
+  Subspace,
+  SubspaceConfig,
+)
 from share_jax.train import (
   TaskState,
   adapted_params,
@@ -18,31 +27,37 @@ from share_jax.train import (
 )
 
 __all__ = [
-  "__version__",
   "FactorGroup",
+  "FidelityError",
+  "FidelityWarning",
   "Layout",
   "LoRA",
   "ShareError",
-  "Subspace",
   "Storage",
+  "Subspace",
   "SubspaceConfig",
-  "UnknownTaskError",
   "TaskState",
+  "UnknownTaskError",
+  "__version__",
   "absorb",
   "adapted_params",
+  "apply_factors",
   "apply_lora",
   "begin_task",
   "empty_subspace",
   "finish_task",
-  "make_train_step",
-  "set_task",
-  "task_state",
-  "apply_factors",
+  "flatten_with_paths",
   "init_lora_tree",
   "init_subspace",
   "lora_leaves",
+  "make_train_step",
+  "nest",
   "project",
   "reconstruct",
+  "select_kernels",
+  "set_task",
   "storage",
+  "task_errors",
   "task_params",
+  "task_state",
 ]

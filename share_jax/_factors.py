@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from share_jax._profiling import phase
 from share_jax.lora import LoRA
 from share_jax.subspace import Layout
 
 
-def factor_columns(lora: LoRA) -> dict[str, np.ndarray]:
-  """Side ``a``: a (d_in, r); side ``b``: (b · scale)ᵀ (d_out, r), as float32 host arrays."""
-  a = np.asarray(lora.a, np.float32)
-  b = np.asarray(lora.b, np.float32) * np.float32(lora.scale)
+def factor_columns(lora: LoRA, dtype: type = np.float32) -> dict[str, np.ndarray]:
+  """Side ``a``: a (d_in, r); side ``b``: (b · scale)ᵀ (d_out, r), as ``dtype`` host arrays."""
+  a = np.asarray(lora.a, dtype)
+  b = np.asarray(lora.b, dtype) * dtype(lora.scale)
   return {"a": a, "b": b.T}
 
 
+@phase("stack")
 def stack_factors(layout: Layout, tasks: list[dict], m_cap: int, p: int) -> dict[str, tuple]:
   """``{group: (x (m_cap, L, d, p), ncols (m_cap, L))}`` from the tasks' LoRA leaves."""
   out = {

@@ -35,7 +35,11 @@ class LoRA:
 
   @property
   def scale(self) -> float:
-    return 1.0 if self.alpha is None else self.alpha / self.rank
+    if self.alpha is None:
+      return 1.0
+    if self.rank == 0:
+      raise ShareError(f"a LoRA of rank 0 has no alpha / r scale (alpha={self.alpha!r})")
+    return self.alpha / self.rank
 
   def delta(self) -> jax.Array:
     """ΔW, (d_in, d_out)."""
@@ -55,9 +59,20 @@ def lora_leaves(tree: Any) -> dict[str, LoRA]:
   return leaves
 
 
+def factor_problem(x: Any) -> str | None:
+  """What makes ``x`` unfit as a LoRA factor (``None``: a floating-point array)."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    return f"is a {type(x).__name__}, not an array"
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return f"has dtype {x.dtype}, not a floating-point dtype"
+  return None
+
+
 def select_kernels(params: Any, target: Target) -> dict[str, jax.Array]:
   """The leaves of rank >= 2 of ``params`` whose joined path ``target`` selects: 2-D kernels, and
   convolution kernels (*window, c_in, c_out), which adapt as (∏ window · c_in, c_out)."""
+  if not (isinstance(target, str) or callable(target)):
+    raise ShareError(f"target must be a regex string or a predicate, got {target!r}")
   pred = as_predicate(target)
   chosen = {
     p: x for p, x in flatten_with_paths(params).items() if len(leaf_shape(x)) >= 2 and pred(p, x)
@@ -114,6 +129,11 @@ def add_deltas(params: Any, deltas: dict[str, jax.Array], transposed: Collection
     if len(shape) < 2 or (flip and len(shape) != 2) or matrix_shape(shape, flip) != delta.shape:
       how = " (stored transposed)" if flip else ""
       raise ShareError(f"ΔW for {path!r} is {delta.shape}, the kernel {shape}{how}")
+    if not jnp.issubdtype(kernels[path].dtype, jnp.floating):
+      raise ShareError(
+        f"kernel {path!r} has dtype {kernels[path].dtype}: W + ΔW would be truncated; "
+        "only floating-point kernels can be adapted"
+      )
 
   def add(path, w):
     key = join_path(path)
@@ -130,5 +150,10 @@ def apply_lora(params: Any, lora_tree: Any) -> Any:
   """``params`` with W + ΔW on every kernel ``lora_tree`` adapts (matched by joined key path);
   dtypes kept, other leaves untouched. Differentiable in ``lora_tree``."""
   leaves = lora_leaves(lora_tree)
+  for path, lora in leaves.items():
+    for name in ("a", "b"):
+      problem = factor_problem(getattr(lora, name))
+      if problem:
+        raise ShareError(f"LoRA at {path!r}: factor {name} {problem}")
   flipped = {path for path, lora in leaves.items() if lora.transposed}
   return add_deltas(params, {path: lora.delta() for path, lora in leaves.items()}, flipped)

@@ -23,10 +23,12 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import safetensors.flax
 import safetensors.numpy
 
+from share_jax import _patterns
 from share_jax.apply import reconstruct
 from share_jax.errors import ShareError
 from share_jax.lora import LoRA, lora_leaves
@@ -121,12 +123,12 @@ _BERT_MLP = (
 SCHEMES = {
   # HF Flax models (FlaxBert/Roberta/ViT/Llama/Mistral…) name params like the torch modules.
   "hf_flax": Scheme("hf_flax", (("{path}", "{path}"),)),
-  # share_jax.models.bert from HF BERT/RoBERTa torch names.
+  # share_jax.experiments.models.bert from HF BERT/RoBERTa torch names.
   "share_bert": Scheme(
     "share_bert",
     (("{prefix}encoder.layer.{i}.attention.self.{qkv}", "layer_{i}/attention/{qkv}"), *_BERT_MLP),
   ),
-  # share_jax.models.vit from HF ViT torch names.
+  # share_jax.experiments.models.vit from HF ViT torch names.
   "share_vit": Scheme(
     "share_vit",
     (
@@ -148,18 +150,18 @@ def get_scheme(scheme: str | Scheme) -> Scheme:
 # ----------------------------------------------------------------------------- config
 
 
-def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+def _pattern_value(config: Mapping[str, Any], name: str, module: str, default: Any) -> Any:
   """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key matching the end of
-  ``module`` (``re.match(rf"(.*\\.)?({key})$", module)``), else ``default``."""
-  for key, value in (patterns or {}).items():
-    if re.match(rf"(.*\.)?({key})$", module):
+  ``module`` (``re.match(rf"(.*\\.)?({key})$", module)``, with bounded work), else ``default``."""
+  for key, value in (config.get(name) or {}).items():
+    if _patterns.suffix_match(key, module, name):
       return value
   return default
 
 
 def _module_scale(config: Mapping[str, Any], module: str, rank: int) -> float:
   """ΔW = B A · this, for one module of rank ``rank``."""
-  alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+  alpha = _pattern_value(config, "alpha_pattern", module, config["lora_alpha"])
   return float(alpha) / (float(np.sqrt(rank)) if config.get("use_rslora") else rank)
 
 
@@ -179,8 +181,23 @@ def _check_config(config: Mapping[str, Any], where: Any) -> None:
       "convert the adapter with PEFT's path_initial_model_for_weight_conversion first"
     )
   for key in ("r", "lora_alpha"):
-    if not isinstance(config.get(key), int | float) or config[key] <= 0:
+    if not _positive(config.get(key)):
       raise ShareError(f"{where}: {key} must be a positive number, got {config.get(key)!r}")
+  for name in ("rank_pattern", "alpha_pattern"):
+    patterns = config.get(name) or {}
+    if not isinstance(patterns, dict):
+      raise ShareError(f"{where}: {name} must be an object, got {patterns!r}")
+    for key, value in patterns.items():
+      _patterns.checked(key, f"{where}: {name}")
+      if not _positive(value):
+        raise ShareError(f"{where}: {name}[{key!r}] must be a positive number, got {value!r}")
+  for name in ("target_modules", "exclude_modules"):
+    if isinstance(config.get(name), str):
+      _patterns.checked(config[name], f"{where}: {name}")
+
+
+def _positive(x: Any) -> bool:
+  return isinstance(x, int | float) and not isinstance(x, bool) and 0 < x < float("inf")
 
 
 def _saved_by(module: str, modules_to_save: list[str] | None) -> bool:
@@ -192,11 +209,44 @@ def _targets(module: str, target_modules: list[str] | str | None) -> bool:
   """PEFT's ``target_modules``/``exclude_modules`` match: a regex string (full match) or name
   suffixes."""
   if isinstance(target_modules, str):
-    return re.fullmatch(target_modules, module) is not None
+    return _patterns.fullmatch(target_modules, module, "target_modules")
   return any(module == t or module.endswith(f".{t}") for t in target_modules or ())
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterMeta:
+  """A task's PEFT provenance, as stored in checkpoint ``task_meta`` under ``"peft"``: what
+  ``export_task`` needs to write it back (scheme, Flax path → module name, adapter_config)."""
+
+  scheme: str
+  config: Mapping[str, Any]
+  modules: Mapping[str, str]
+
+  def to_json(self) -> dict:
+    return {
+      "peft": {"scheme": self.scheme, "config": dict(self.config), "modules": dict(self.modules)}
+    }
+
+  @classmethod
+  def parse(cls, task_meta: Any, where: str = "task metadata") -> AdapterMeta | None:
+    """The record in one task's metadata, ``None`` when it has no ``"peft"`` entry."""
+    if not isinstance(task_meta, Mapping) or task_meta.get("peft") is None:
+      return None
+    peft = task_meta["peft"]
+    ok = (
+      isinstance(peft, Mapping)
+      and sorted(peft) == ["config", "modules", "scheme"]
+      and isinstance(peft["scheme"], str)
+      and isinstance(peft["config"], Mapping)
+      and isinstance(peft["modules"], Mapping)
+      and all(isinstance(k, str) and isinstance(v, str) for k, v in peft["modules"].items())
+    )
+    if not ok:
+      raise ShareError(f"{where}: 'peft' is not {{scheme, config, modules}}: {peft!r:.200}")
+    return cls(peft["scheme"], dict(peft["config"]), dict(peft["modules"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,9 +266,13 @@ class PeftAdapter:
   scheme: str
   shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
+  @property
+  def meta(self) -> AdapterMeta:
+    return AdapterMeta(self.scheme, self.config, self.modules)
+
   def task_meta(self) -> dict:
     """JSON for ``Checkpointer.save(task_meta=…)``: what ``export_task`` needs to write it back."""
-    return {"peft": {"scheme": self.scheme, "config": self.config, "modules": self.modules}}
+    return self.meta.to_json()
 
 
 def _head_param(module: str, param: str, w: np.ndarray) -> tuple[str, np.ndarray]:
@@ -248,27 +302,39 @@ def read_adapter(
       raise ShareError(f"{directory}: no {name} (a PEFT LoRA adapter directory needs both files)")
   try:
     config = json.loads((directory / CONFIG_FILE).read_text())
-    tensors = {
-      k: np.asarray(v, np.float32)
-      for k, v in safetensors.flax.load_file(directory / WEIGHTS_FILE).items()
-    }
+    tensors = safetensors.flax.load_file(directory / WEIGHTS_FILE)
   except Exception as e:  # JSON, I/O and safetensors' own error types
     raise ShareError(f"{directory}: cannot read the adapter ({e})") from None
+  odd = {k: str(v.dtype) for k, v in tensors.items() if not jnp.issubdtype(v.dtype, jnp.floating)}
+  if odd:
+    raise ShareError(f"{directory}: tensors of a non-floating-point dtype: {odd}")
+  tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
   if not isinstance(config, dict):
     raise ShareError(f"{directory / CONFIG_FILE}: not a JSON object")
   _check_config(config, directory)
   factors: dict[str, dict[str, np.ndarray]] = {}
-  head_params, unexpected = {}, []
+  head_params, unexpected, keys = {}, [], {}
   for key, w in tensors.items():
     name = key.removeprefix(PREFIX)
     lora_key, head_key = _LORA_KEY.fullmatch(name), _HEAD_KEY.fullmatch(name)
     if lora_key:
-      factors.setdefault(lora_key["module"], {})[lora_key["side"]] = w
+      slot = (lora_key["module"], lora_key["side"])
     elif head_key and _saved_by(head_key["module"], config.get("modules_to_save")):
-      path, x = _head_param(head_key["module"], head_key["param"], w)
-      head_params[path] = x
+      slot = (head_key["module"], head_key["param"])
     else:
       unexpected.append(key)
+      continue
+    if slot in keys:
+      raise ShareError(
+        f"{directory}: tensors {keys[slot]!r} and {key!r} are the same factor of module "
+        f"{slot[0]!r} (one adapter per directory, keys with or without {PREFIX!r})"
+      )
+    keys[slot] = key
+    if lora_key:
+      factors.setdefault(lora_key["module"], {})[lora_key["side"]] = w
+    else:
+      path, x = _head_param(head_key["module"], head_key["param"], w)
+      head_params[path] = x
   if unexpected:
     raise ShareError(
       f"{directory}: tensors that are neither LoRA factors nor modules_to_save: "
@@ -323,7 +389,7 @@ def _lora(directory, config, module, sides, path, kernels) -> tuple[LoRA, tuple[
     )
   else:
     shape = (b.shape[0], a.shape[1]) if flip else (a.shape[1], b.shape[0])
-  rank = _pattern_value(config.get("rank_pattern"), module, config["r"])
+  rank = _pattern_value(config, "rank_pattern", module, config["r"])
   if a.shape[0] != rank:
     raise ShareError(
       f"{directory}: module {module!r} has rank {a.shape[0]} but adapter_config.json says {rank}"
@@ -484,7 +550,7 @@ def export_task(
   task_id: Hashable,
   directory: str | Path,
   *,
-  meta: Mapping[str, Any] | None = None,
+  meta: AdapterMeta | Mapping[str, Any] | None = None,
   scheme: str | Scheme | None = None,
   prefix: str = "",
   head_module: str | None = None,
@@ -493,12 +559,12 @@ def export_task(
   """Write task ``task_id`` as a PEFT adapter at its effective rank; returns the config.
 
   Args:
-    meta: the task's checkpoint metadata (``PeftAdapter.task_meta()``): scheme, module names and
-      the original adapter_config.json, which are then preserved.
+    meta: the task's ``AdapterMeta`` (or its checkpoint metadata, ``PeftAdapter.task_meta()``):
+      scheme, module names and the original adapter_config.json, which are then preserved.
     scheme, prefix: module naming for tasks without PEFT metadata (default ``hf_flax``).
     head_module: the PEFT module name of a head stored as bare params (``{"kernel", "bias"}``).
   """
-  peft = dict((meta or {}).get("peft") or {})
+  peft = meta if isinstance(meta, AdapterMeta) else AdapterMeta.parse(meta, f"task {task_id!r}")
   leaves = lora_leaves(reconstruct(subspace, task_id))
   lora = nest({p: effective_rank(x, rtol) for p, x in leaves.items()})
   heads = subspace.heads.get(task_id)
@@ -509,9 +575,9 @@ def export_task(
   return write_adapter(
     directory,
     lora,
-    scheme=scheme or peft.get("scheme", "hf_flax"),
-    config=peft.get("config"),
-    modules=peft.get("modules"),
+    scheme=scheme or (peft.scheme if peft else "hf_flax"),
+    config=peft.config if peft else None,
+    modules=peft.modules if peft else None,
     heads=heads,
     prefix=prefix,
     kernel_shapes={s.path: s.stored_shape for s in subspace.layout.kernels},

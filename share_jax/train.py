@@ -4,10 +4,18 @@ A new task trains, per adapted kernel and side, coefficients ε (K × p) on the 
 plus φ temporary factors T (d × φ) with their coefficients ε_T (φ × p) (paper §1.5): the side's
 factor columns are ``basis @ ε + T @ ε_T`` and ΔW = F_a F_bᵀ. ``finish_task`` folds the trained
 factor columns into the bases (what T learned survives) and re-projects every old task.
+
+A state remembers the bases it was begun (or read) on, ``TaskState.origin``: a static field, not
+trained, that ``make_train_step``'s step keeps out of its compiled signature. So a task that
+trained while another was merged (e.g. an adapter absorbed meanwhile) is merged exactly as it
+trained: its ΔW on its own bases, not its coefficients read against bases they were not fitted
+to. ``set_task`` cannot re-base coefficients without changing the bases, so it refuses a stale
+state instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -22,8 +30,21 @@ from share_jax._driver import merge_columns
 from share_jax._validation import check_new_task_ids, check_params
 from share_jax.apply import apply_factors
 from share_jax.errors import ShareError
+from share_jax.fidelity import stored_norms
 from share_jax.merge import mm, scatter_factor, side_factors
-from share_jax.subspace import Layout, Subspace
+from share_jax.subspace import Layout, Subspace, check_finite
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Origin:
+  """The shared bases ``{group: (L, d, K)}`` a ``TaskState`` was begun (or read) on.
+
+  Static and compared by identity: the state's coefficients mean something only on these bases,
+  so ``finish_task`` merges the ΔW they give on them and ``set_task`` refuses other bases.
+  Holding the arrays costs no copy (they are immutable).
+  """
+
+  bases: dict[str, jax.Array]
 
 
 @flax.struct.dataclass
@@ -33,12 +54,40 @@ class TaskState:
   coef: {group: (L, K, p)} coefficients on the shared bases.
   temp: {group: (L, d, φ)} temporary factors; temp_coef: {group: (L, φ, p)}.
   head: any pytree trained with the task (e.g. a classifier), or None.
+  origin: the bases it was begun on (static, not trained; ``None`` for a hand-made state).
   """
 
   coef: dict[str, jax.Array]
   temp: dict[str, jax.Array]
   temp_coef: dict[str, jax.Array]
   head: Any = None
+  origin: Origin | None = flax.struct.field(pytree_node=False, default=None)
+
+
+def _is_state(x: Any) -> bool:
+  return isinstance(x, TaskState)
+
+
+def _with_origin(tree: Any, origin: Origin | None) -> Any:
+  """``tree`` (a state, or an optimizer state holding state-shaped trees) with ``origin``."""
+  return jax.tree.map(
+    lambda x: x.replace(origin=origin) if _is_state(x) else x, tree, is_leaf=_is_state
+  )
+
+
+def _keeping_origin(step: Callable) -> Callable:
+  """``step`` run on states without their (per-task) origin, so it compiles once for every
+  task; the origin comes back on the outputs."""
+
+  @functools.wraps(step)
+  def run(trainable, opt_state, *args):
+    origin = trainable.origin
+    trainable, opt_state, *rest = step(
+      _with_origin(trainable, None), _with_origin(opt_state, None), *args
+    )
+    return (_with_origin(trainable, origin), _with_origin(opt_state, origin), *rest)
+
+  return run
 
 
 def _side_rows(layout: Layout, side: str) -> dict[str, np.ndarray]:
@@ -67,6 +116,10 @@ def _init_group(basis, rank, on_a, rng, *, p: int, phi: int, std: float):
   return coef, temp, temp_coef
 
 
+def _positive_finite(x: Any) -> bool:
+  return isinstance(x, int | float | np.number) and not isinstance(x, bool) and 0 < x < np.inf
+
+
 def begin_task(
   subspace: Subspace,
   task_id: Hashable,
@@ -84,8 +137,19 @@ def begin_task(
   columns (random unit columns on a cold start with no basis).
   """
   check_new_task_ids(subspace, [task_id])
-  if p < 1 or phi < 0:
-    raise ShareError(f"need p >= 1 and phi >= 0, got p={p}, phi={phi}")
+  for name, value, low in (("p", p, 1), ("phi", phi, 0)):
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
+      raise ShareError(f"begin_task {task_id!r}: {name} must be an integer >= {low}, got {value!r}")
+  if scale is not None and not _positive_finite(scale):
+    raise ShareError(f"begin_task {task_id!r}: scale must be a finite number > 0, got {scale!r}")
+  if head is not None:
+    check_finite(head, f"task {task_id!r}: head")
+  try:
+    jax.random.split(rng)
+  except (TypeError, ValueError):
+    raise ShareError(
+      f"begin_task {task_id!r}: rng must be a PRNG key (e.g. jax.random.key(0)), got {rng!r:.80}"
+    ) from None
   a_rows = _side_rows(subspace.layout, "a")
   coef, temp, temp_coef = {}, {}, {}
   for g, grp in subspace.groups.items():
@@ -94,7 +158,7 @@ def begin_task(
     coef[g], temp[g], temp_coef[g] = _init_group(
       grp.basis, grp.rank, jnp.asarray(a_rows[g]), key, p=p, phi=phi, std=std
     )
-  return TaskState(coef, temp, temp_coef, head)
+  return TaskState(coef, temp, temp_coef, head, Origin(subspace.bases))
 
 
 def trained_factors(bases: dict[str, jax.Array], trainable: TaskState) -> dict[str, jax.Array]:
@@ -132,14 +196,20 @@ def make_train_step(
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
-  return step
+  return _keeping_origin(step)
 
 
 def finish_task(subspace: Subspace, trainable: TaskState, task_id: Hashable) -> Subspace:
   """Merge the trained task: its factor columns (temporary factors included) are folded into
-  the bases, k is re-chosen, every old task is re-projected, and its head is stored."""
+  the bases, k is re-chosen, every old task is re-projected, and its head is stored.
+
+  The columns are computed on the bases the state was begun on (``trainable.origin``), so a
+  state begun before another task was merged is merged exactly as trained.
+  """
   check_new_task_ids(subspace, [task_id])
-  factors = trained_factors(subspace.bases, trainable)
+  _check_state(subspace, trainable, task_id)
+  bases = trainable.origin.bases if trainable.origin is not None else subspace.bases
+  factors = trained_factors(bases, trainable)
   for g, f in factors.items():
     if not bool(jnp.all(jnp.isfinite(f))):
       raise ShareError(f"task {task_id!r}: trained factors of group {g} contain NaN or Inf")
@@ -148,6 +218,42 @@ def finish_task(subspace: Subspace, trainable: TaskState, task_id: Hashable) -> 
   }
   out = merge_columns(subspace, [task_id], columns)
   return out if trainable.head is None else out.with_head(task_id, trainable.head)
+
+
+def _check_state(subspace: Subspace, trainable: TaskState, task_id: Hashable) -> None:
+  """An error naming the task and group of a state that does not fit ``subspace``'s groups or
+  holds NaN or Inf (coefficients, temporary factors, head)."""
+  if not isinstance(trainable, TaskState):
+    raise ShareError(f"task {task_id!r}: expected a TaskState, got {type(trainable).__name__}")
+  groups = {g: grp.basis.shape[:2] for g, grp in subspace.groups.items()}
+  if any(
+    set(part) != set(groups) for part in (trainable.coef, trainable.temp, trainable.temp_coef)
+  ):
+    raise ShareError(
+      f"task {task_id!r}: the state has groups {sorted(trainable.coef)}, the subspace "
+      f"{sorted(groups)}"
+    )
+  for g, (n, d) in groups.items():
+    coef, temp, temp_coef = trainable.coef[g], trainable.temp[g], trainable.temp_coef[g]
+    if coef.ndim != 3 or temp.shape[:2] != (n, d) or coef.shape[0] != n:
+      raise ShareError(
+        f"task {task_id!r}: group {g}: coefficients {coef.shape} and temporary factors "
+        f"{temp.shape} do not fit (L, d) = {(n, d)}"
+      )
+    for name, x in (("coefficients", coef), ("temporary factors", temp), ("temp_coef", temp_coef)):
+      if not bool(jnp.all(jnp.isfinite(x))):
+        raise ShareError(f"task {task_id!r}: {name} of group {g} contain NaN or Inf")
+  if trainable.head is not None:
+    check_finite(trainable.head, f"task {task_id!r}: head")
+
+
+def _same_bases(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> bool:
+  """Whether two bases dicts hold the same arrays (by identity, else by value: a restore)."""
+  if a.keys() != b.keys():
+    return False
+  return all(
+    a[g] is b[g] or (a[g].shape == b[g].shape and bool(jnp.array_equal(a[g], b[g]))) for g in a
+  )
 
 
 def task_state(subspace: Subspace, task_id: Hashable) -> TaskState:
@@ -161,7 +267,7 @@ def task_state(subspace: Subspace, task_id: Hashable) -> TaskState:
     coef[g] = grp.coef[i, :, :, :p]
     temp[g] = jnp.zeros((n, d, 0), jnp.float32)
     temp_coef[g] = jnp.zeros((n, 0, p), jnp.float32)
-  return TaskState(coef, temp, temp_coef, subspace.heads.get(task_id))
+  return TaskState(coef, temp, temp_coef, subspace.heads.get(task_id), Origin(subspace.bases))
 
 
 @jax.jit
@@ -174,20 +280,33 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
   """Store fine-tuned coefficients (and head) of a task already held; bases are unchanged.
 
   The trainable must carry no temporary factors (their span is not in the bases): merge with
-  ``finish_task`` first. The scatter statistics the next merge needs are refreshed.
+  ``finish_task`` first. The scatter statistics the next merge needs are refreshed, and the
+  task's fidelity record restarts from the stored coefficients (``task_errors`` then measures
+  later merges' loss against them).
   """
   i = subspace.task_index(task_id)
+  _check_state(subspace, trainable, task_id)
+  if trainable.origin is not None and not _same_bases(trainable.origin.bases, subspace.bases):
+    raise ShareError(
+      f"task {task_id!r}: the state was read on bases that a later merge replaced, so its "
+      "coefficients mean something else now; read it again with task_state"
+    )
   groups = {}
   for g, grp in subspace.groups.items():
     if trainable.temp[g].shape[-1]:
       raise ShareError(f"task {task_id!r}: temporary factors must be merged (finish_task) first")
-    if trainable.coef[g].shape[:2] != grp.coef.shape[1:3]:
+    shape = trainable.coef[g].shape
+    if shape[:2] != grp.coef.shape[1:3] or shape[2] > grp.coef.shape[3]:
       raise ShareError(
-        f"task {task_id!r}: coefficients {trainable.coef[g].shape} do not fit group {g} "
-        f"(L, K) = {grp.coef.shape[1:3]}"
+        f"task {task_id!r}: coefficients {shape} do not fit group {g} "
+        f"(L, K, P) = {grp.coef.shape[1:]}"
       )
     coef = _write(grp.coef, jnp.asarray(i, jnp.int32), trainable.coef[g].astype(jnp.float32))
     scatter = scatter_factor(coef, grp.ncols, center=subspace.config.center)
     groups[g] = grp.replace(coef=coef, scatter=scatter)
-  out = subspace.replace(groups=groups)
+  norm = stored_norms(groups, subspace.layout)[i]  # stored exactly: the new original, error 0
+  tasks = subspace.tasks.replace(
+    norm=subspace.tasks.norm.at[i].set(norm), error=subspace.tasks.error.at[i].set(0.0)
+  )
+  out = subspace.replace(groups=groups, tasks=tasks)
   return out if trainable.head is None else out.with_head(task_id, trainable.head)

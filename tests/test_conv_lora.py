@@ -177,11 +177,11 @@ def torch_convnet(params):
   with torch.no_grad():
     for name in ("c1", "c2"):
       getattr(net, name).weight.copy_(
-        torch.from_numpy(np.asarray(p[name]["kernel"])).permute(3, 2, 0, 1)
+        torch.from_numpy(np.array(p[name]["kernel"])).permute(3, 2, 0, 1)
       )
-      getattr(net, name).bias.copy_(torch.from_numpy(np.asarray(p[name]["bias"])))
-    net.fc.weight.copy_(torch.from_numpy(np.asarray(p["fc"]["kernel"]).T))
-    net.fc.bias.copy_(torch.from_numpy(np.asarray(p["fc"]["bias"])))
+      getattr(net, name).bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
+    net.fc.weight.copy_(torch.from_numpy(np.array(p["fc"]["kernel"]).T))
+    net.fc.bias.copy_(torch.from_numpy(np.array(p["fc"]["bias"])))
   return net
 
 

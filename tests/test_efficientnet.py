@@ -146,6 +146,7 @@ def centroid_accuracy(train, test) -> float:
   return float(np.mean(((xb[:, None] - means[None]) ** 2).sum(-1).argmin(1) == yb))
 
 
+@pytest.mark.slow  # ~1000 images through 12 blocks, twice
 def test_lite0_features_beat_random_features_on_a_linear_probe(lite0):
   """Mid-level features (blocks 0-11, mean-pooled) of 10-class Fashion-MNIST at 64 px: measured
   81.8 % (ImageNet) vs 68.5 % (random init). The final 1280-d features are ImageNet-specific and
@@ -191,7 +192,7 @@ def test_quick_vision_config_runs_conv_lora_end_to_end(tmp_path, monkeypatch):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("quick")
-  config.methods = ("head_only", "lora_per_task", "share")
+  config.methods = ("lora_per_task", "share")
   config.quick_overrides.data.num_tasks = 2
   backbone = runner.make_backbone(runner.resolve(config))
   kernels = runner.select_kernels(backbone.params, backbone.target)

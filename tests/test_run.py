@@ -30,11 +30,11 @@ KEYS = {
 }
 
 
-def get_config(name, arg=None):
+def get_config(name):
   spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module.get_config()
 
 
 def no_datasets(monkeypatch):
@@ -48,7 +48,8 @@ def no_datasets(monkeypatch):
 
 
 def quick_config(**share):
-  config = get_config("text_domains", "quick")
+  config = get_config("text_domains")
+  config.quick = True
   config.quick_overrides.data.num_tasks = 2
   config.quick_overrides.backbone.frozen_layers = 1
   config.share.update(share)
@@ -139,9 +140,6 @@ def test_evaluating_an_unknown_task_names_it(small):
 
 def test_a_head_that_does_not_fit_the_task_is_an_error(small):
   ctx, tasks = small
-  method = METHODS["lora_per_task"](ctx)
-  method.learn(0, tasks[0])
-  lora, _ = method.models[0]
   two_way = {"w": jnp.zeros((ctx.backbone.feature_dim, 2)), "b": jnp.zeros(2)}
   with pytest.raises(sj.ShareError, match="synthetic_text_0.*2 outputs.*3 classes"):
     ctx.accuracy(ctx.backbone.params, two_way, tasks[0])
@@ -154,7 +152,7 @@ def test_a_failing_task_leaves_the_share_state_as_it_was(small):
   before, cost = method.subspace, dataclasses.replace(method.cost)
   hidden = np.full_like(tasks[1].x_train["hidden"], np.nan)
   poisoned = dataclasses.replace(tasks[1], x_train={**tasks[1].x_train, "hidden": hidden})
-  with pytest.raises(sj.ShareError, match="task 1: trained factors .* NaN"):
+  with pytest.raises(sj.ShareError, match="task 1: .*NaN"):
     method.learn(1, poisoned)
   assert method.subspace is before and method.subspace.task_ids == (0,)
   assert list(method.seen) == [0] and method.cost == cost

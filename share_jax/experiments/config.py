@@ -22,6 +22,9 @@ def default_config() -> ml_collections.ConfigDict:
     {"name": "", "n_train_per_class": 100, "n_test_per_class": 50, "num_tasks": 0}  # 0: all
   )
   c.backbone = ml_collections.ConfigDict({"name": ""})
+  # A local HF checkpoint folder (config.json + weights + tokenizer): replaces the backbone by
+  # ``hf_backbone`` with the backbone section's max_len / frozen_layers / pooling / target.
+  c.model_dir = placeholder(str)
   c.target = ""  # regex of the adapted kernels; "" = the backbone's (attention query/value)
   c.train = ml_collections.ConfigDict({"batch_size": 32, "eval_batch_size": 128, "epochs": 4})
   c.probe = ml_collections.ConfigDict({"steps": 300, "lr": 1e-2})  # linear heads on features

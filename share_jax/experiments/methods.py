@@ -65,9 +65,7 @@ class Context:
     self.loss = training.classification_loss(backbone.features)
     self.features = jax.jit(backbone.features)
     self.predict = jax.jit(
-      lambda params, head, inputs: jnp.argmax(
-        training.logits(head, backbone.features(params, inputs)), -1
-      )
+      lambda params, head, inputs: training.logits(head, backbone.features(params, inputs))
     )
     self.lora_optimizer = optax.adam(config.lora.lr)
     self.lora_step = training.make_step(
@@ -152,8 +150,7 @@ def train_probe(feats: jax.Array, y: jax.Array, *, num_classes: int, steps: int,
   opt = optax.adam(lr)
 
   def loss(head):
-    out = training.logits(head, feats)
-    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+    return training.head_loss(training.logits(head, feats), y)
 
   def body(carry, _):
     head, state = carry
@@ -223,8 +220,8 @@ class HeadOnly(Method):
   def evaluate(self, j, task):
     if j not in self.heads:
       raise self.unknown(j, self.heads)
-    pred = np.argmax(np.asarray(training.logits(self.heads[j], self.test_features[j])), -1)
-    return float(np.mean(pred == task.y_test))
+    out = np.asarray(training.logits(self.heads[j], self.test_features[j]))
+    return training.score_outputs(task, out)
 
 
 class LoRAPerTask(Method):
@@ -295,8 +292,10 @@ class LoRAJoint(LoRASequential):
     def loss(tr, params, batch):
       feats = ctx.backbone.features(apply_lora(params, tr["lora"]), batch["inputs"])
       w, b = tr["heads"]["w"][batch["task"]], tr["heads"]["b"][batch["task"]]
-      out = jnp.where(valid[batch["task"]], jnp.einsum("bh,bhc->bc", feats, w) + b, -1e9)
-      return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]).mean()
+      out = jnp.einsum("bh,bhc->bc", feats, w) + b
+      if jnp.issubdtype(batch["y"].dtype, jnp.integer):  # classes beyond the task's: masked
+        out = jnp.where(valid[batch["task"]], out, -1e9)
+      return training.head_loss(out, batch["y"])
 
     step = bind(training.make_step(loss, ctx.lora_optimizer), ctx.backbone.params)
     data = [
@@ -369,7 +368,7 @@ class Share(Method):
     self.cost.adapter_trained.append(trained)
     self.cost.head.append(head_size(sub.heads[i]))
     store = sj.storage(sub)
-    self.cost.adapter_stored = [store.task_params[t] for t in sub.task_ids]
+    self.cost.adapter_stored = [store.coef_params[t] for t in sub.task_ids]
     self.cost.shared = store.basis_params
 
   def finetune(self, sub: sj.Subspace, j: int, task: EncodedTask, epochs: int) -> sj.Subspace:

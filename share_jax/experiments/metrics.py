@@ -63,3 +63,75 @@ def fwt(r: np.ndarray, reference: np.ndarray | None) -> float | None:
 def summary(r: np.ndarray, reference: np.ndarray | None) -> dict[str, float | None]:
   """{"ACC", "BWT", "forgetting", "FWT"} of one accuracy matrix."""
   return {"ACC": acc(r), "BWT": bwt(r), "forgetting": forgetting(r), "FWT": fwt(r, reference)}
+
+
+# ----------------------------------------------------------------------------- per-task scores
+# A task's score after each step (the entries of R). Classification metrics take integer
+# predictions, regression metrics (``REGRESSION``) real-valued ones; all return a fraction
+# (correlations in [-1, 1]) that the runner reports ×100, as GLUE does.
+
+
+def accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+  return float(np.mean(np.asarray(y) == np.asarray(pred)))
+
+
+def f1(y: np.ndarray, pred: np.ndarray) -> float:
+  """F1 of the positive class 1 (0 when there is no true or predicted positive)."""
+  y, pred = np.asarray(y) == 1, np.asarray(pred) == 1
+  tp = float(np.sum(y & pred))
+  return 0.0 if tp == 0 else 2 * tp / (float(np.sum(y)) + float(np.sum(pred)))
+
+
+def matthews(y: np.ndarray, pred: np.ndarray) -> float:
+  """Matthews correlation of binary labels (0 when a marginal is constant, as sklearn)."""
+  y, pred = np.asarray(y) == 1, np.asarray(pred) == 1
+  tp, tn = float(np.sum(y & pred)), float(np.sum(~y & ~pred))
+  fp, fn = float(np.sum(~y & pred)), float(np.sum(y & ~pred))
+  denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+  return 0.0 if denom == 0 else float((tp * tn - fp * fn) / denom)
+
+
+def pearson(y: np.ndarray, pred: np.ndarray) -> float:
+  """Pearson correlation (0 when either side is constant)."""
+  y, pred = (np.asarray(v, np.float64) - np.mean(v) for v in (y, pred))
+  denom = np.sqrt(np.sum(y * y) * np.sum(pred * pred))
+  return 0.0 if denom == 0 else float(np.sum(y * pred) / denom)
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+  """Ranks 1..n, ties sharing their mean rank."""
+  v = np.asarray(v, np.float64)
+  order = np.argsort(v, kind="stable")
+  ranks = np.empty(len(v))
+  ranks[order] = np.arange(1, len(v) + 1)
+  _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+  sums = np.bincount(inverse, weights=ranks)
+  return sums[inverse] / counts[inverse]
+
+
+def spearman(y: np.ndarray, pred: np.ndarray) -> float:
+  """Spearman rank correlation (ties get mean ranks)."""
+  return pearson(_ranks(y), _ranks(pred))
+
+
+TASK_METRICS = {
+  "accuracy": accuracy,
+  "f1": f1,
+  "matthews": matthews,
+  "pearson": pearson,
+  "spearman": spearman,
+}
+REGRESSION = frozenset({"pearson", "spearman"})
+
+
+def task_metric(name: str):
+  """The score function ``(y, pred) -> float`` called ``name``; ValueError lists the known."""
+  if name not in TASK_METRICS:
+    raise ValueError(f"unknown task metric {name!r}; known: {sorted(TASK_METRICS)}")
+  return TASK_METRICS[name]
+
+
+def is_regression(metric: str) -> bool:
+  """Whether tasks scored by ``metric`` have real-valued labels and a 1-output head."""
+  task_metric(metric)
+  return metric in REGRESSION

@@ -27,8 +27,9 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
+from share_jax import diagnostics
 from share_jax.errors import ShareError
-from share_jax.experiments import backbones, report, synthetic
+from share_jax.experiments import backbones, glue, hf_backbone, report, synthetic
 from share_jax.experiments import data as datasets
 from share_jax.experiments.methods import METHODS, Context, Method
 from share_jax.experiments.plots import plot_accuracy
@@ -63,6 +64,14 @@ def load_tasks(config) -> tuple[list, str]:
     "fashion_then_mnist": lambda: importlib.import_module(EFFICIENTNET).fashion_then_mnist(
       **sizes, seed=seed
     ),
+    "glue": lambda: glue.glue_sequence(
+      config.get("data_dir"),
+      d.tasks,
+      max_train=d.max_train,
+      max_test=d.max_test,
+      seed=seed,
+      metrics=d.get("metrics"),
+    ),
   }
   if d.name not in loaders:
     raise ShareError(f"unknown data.name {d.name!r}; known: {sorted(loaders)}")
@@ -86,7 +95,10 @@ def make_backbone(config) -> backbones.Backbone:
   """The config's backbone, with ``config.target`` checked against its parameters."""
   kwargs = {k: v for k, v in config.backbone.items() if k != "name"}
   name = config.backbone.name
-  if name == "minilm":
+  if name == "hf" or config.get("model_dir"):  # a local HF checkpoint replaces the backbone
+    options = {k: v for k, v in kwargs.items() if k in hf_backbone.OPTIONS}
+    backbone = hf_backbone.hf_backbone(config.get("model_dir"), **options)
+  elif name == "minilm":
     backbone = backbones.minilm_backbone(**kwargs)
   elif name == "tiny_bert":
     backbone = backbones.tiny_bert_backbone(**kwargs)
@@ -99,7 +111,9 @@ def make_backbone(config) -> backbones.Backbone:
   elif name == "efficientnet":
     backbone = importlib.import_module(EFFICIENTNET).efficientnet_backbone(**kwargs)
   else:
-    raise ShareError(f"unknown backbone.name {name!r}; known: minilm, tiny_bert, vit, efficientnet")
+    raise ShareError(
+      f"unknown backbone.name {name!r}; known: hf, minilm, tiny_bert, vit, efficientnet"
+    )
   if config.target:
     backbone = dataclasses.replace(backbone, target=config.target)
   try:
@@ -123,6 +137,17 @@ def accuracy_matrix(method: Method, tasks: list[EncodedTask]) -> np.ndarray:
       reuse = method.static_old_tasks and j < i
       r[i, j] = r[i - 1, j] if reuse else 100 * method.evaluate(j, tasks[j])
   return r
+
+
+def write_diagnostics(method: Method, names: list[str], directory: Path) -> None:
+  """Subspace diagnostics (``share_jax.diagnostics``: explained variance vs k, task similarity)
+  of a Share run's subspace, and of per-task LoRAs (the paper's Figure 1)."""
+  subspace = getattr(method, "subspace", None)
+  if subspace is not None:
+    labels = [names[t] if isinstance(t, int) else str(t) for t in subspace.task_ids]
+    diagnostics.write_report(subspace, directory, labels)
+  elif method.name == "lora_per_task" and method.models:
+    diagnostics.write_report({names[i]: lora for i, (lora, _) in method.models.items()}, directory)
 
 
 def reference_diagonal(matrices: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -169,10 +194,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   out = {
     "methods": results,
     "tasks": [t.name for t in raw],
+    "task_metrics": [t.metric for t in raw],
     "data": note,
     "backbone": backbone.name,
     "target": backbone.target,
-    "units": "accuracies in percent; bytes as float32",
+    "units": "scores (task_metrics: accuracy, Matthews, Pearson, …) ×100; bytes as float32",
     "fwt_reference": next((n for n in ("lora_per_task", "head_only") if n in matrices), None),
     "encode_s": round(encode_s, 1),
     "total_s": round(time.time() - start, 1),
@@ -183,6 +209,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   }
   (workdir / "results.json").write_text(json.dumps(out, indent=1, default=list))
   plot_accuracy(matrices, out["tasks"], workdir / "accuracy.png")
+  for name, method in methods.items():
+    write_diagnostics(method, [t.name for t in raw], workdir / f"diagnostics_{name}")
   print(report.table(results))
   ratios = report.parameter_ratios(results)
   if ratios:

@@ -13,6 +13,7 @@ import optax
 from tqdm.auto import tqdm
 
 from share_jax.errors import ShareError
+from share_jax.experiments import metrics
 from share_jax.experiments.backbones import Backbone, Inputs, batched
 from share_jax.experiments.data import Task
 
@@ -22,7 +23,8 @@ Step = Callable[[Any, Any, dict], tuple[Any, Any, jax.Array]]
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EncodedTask:
-  """A task after ``Backbone.encode``: inputs {name: (N, ...)} and int32 labels (N,)."""
+  """A task after ``Backbone.encode``: inputs {name: (N, ...)} and labels (N,): int32 classes,
+  or float32 targets when ``metric`` is a regression metric (``num_classes`` is then 1)."""
 
   name: str
   num_classes: int
@@ -30,10 +32,13 @@ class EncodedTask:
   y_train: np.ndarray
   x_test: Inputs
   y_test: np.ndarray
+  metric: str = "accuracy"
 
 
 def check_task(task: Task) -> None:
   """Every class must have examples in both splits; else a ShareError naming task and class."""
+  if metrics.is_regression(task.metric):
+    return
   for split, y in (("train", task.y_train), ("test", task.y_test)):
     missing = sorted(set(range(task.num_classes)) - set(np.asarray(y).tolist()))
     if missing:
@@ -44,13 +49,15 @@ def check_task(task: Task) -> None:
 def encode_task(backbone: Backbone, task: Task) -> EncodedTask:
   """Checks the task, then encodes both splits once."""
   check_task(task)
+  dtype = np.float32 if metrics.is_regression(task.metric) else np.int32
   return EncodedTask(
     task.name,
     task.num_classes,
     backbone.encode(task.x_train),
-    np.asarray(task.y_train, np.int32),
+    np.asarray(task.y_train, dtype),
     backbone.encode(task.x_test),
-    np.asarray(task.y_test, np.int32),
+    np.asarray(task.y_test, dtype),
+    task.metric,
   )
 
 
@@ -67,12 +74,19 @@ def head_classes(head: Head) -> int:
   return int(head["b"].shape[-1])
 
 
+def head_loss(out: jax.Array, y: jax.Array) -> jax.Array:
+  """Mean loss of head outputs (B, C): cross-entropy for integer labels, squared error of the
+  single output for float targets (regression; chosen at trace time by the labels' dtype)."""
+  if jnp.issubdtype(y.dtype, jnp.floating):
+    return jnp.mean((out[:, 0] - y) ** 2)
+  return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+
+
 def classification_loss(features: Callable[[Any, Inputs], jax.Array]):
-  """``loss(params, head, batch)``: mean cross-entropy of a linear head on ``features``."""
+  """``loss(params, head, batch)``: ``head_loss`` of a linear head on ``features``."""
 
   def loss(params: Any, head: Head, batch: dict) -> jax.Array:
-    out = logits(head, features(params, batch["inputs"]))
-    return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]).mean()
+    return head_loss(logits(head, features(params, batch["inputs"])), batch["y"])
 
   return loss
 
@@ -134,12 +148,20 @@ def make_step(loss: Callable[[Any, Any, dict], jax.Array], optimizer) -> Callabl
   return step
 
 
+def score_outputs(task: EncodedTask, out: np.ndarray) -> float:
+  """The task's metric of head outputs (N, C) on its test split: argmax classes, or the single
+  output of a regression head."""
+  pred = out[:, 0] if metrics.is_regression(task.metric) else np.argmax(out, -1)
+  return metrics.task_metric(task.metric)(task.y_test, pred)
+
+
 def accuracy(predict, params: Any, head: Head, task: EncodedTask, batch_size: int) -> float:
-  """Test accuracy of ``predict(params, head, inputs) -> (B,) labels``."""
+  """The task's test score (accuracy, or its ``metric``) of ``predict(params, head, inputs) ->
+  (B, C) head outputs``."""
   if head_classes(head) != task.num_classes:
     raise ShareError(
       f"task {task.name!r}: the head has {head_classes(head)} outputs, the task "
       f"{task.num_classes} classes"
     )
-  pred = batched(lambda x: predict(params, head, x), task.x_test, batch_size)
-  return float(np.mean(pred == task.y_test))
+  out = batched(lambda x: predict(params, head, x), task.x_test, batch_size)
+  return score_outputs(task, out)

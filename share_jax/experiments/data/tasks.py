@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from share_jax.experiments import metrics
 from share_jax.experiments.data import bbc_news, fashion_mnist, tweet_sentiment
 from share_jax.experiments.data.builder import PathLike, load
 
@@ -25,6 +26,8 @@ class Task:
 
   ``x_*``: a list of str (text) or a uint8 array (N, 28, 28) (images); ``y_*``: int32 (N,).
   ``class_ids[k]``: local class k's label in the source dataset (None: k itself).
+  ``metric``: how the task is scored (``share_jax.experiments.metrics.TASK_METRICS``); a
+  regression metric means float32 labels and one class name (the predicted quantity).
   """
 
   name: str
@@ -34,9 +37,19 @@ class Task:
   y_test: np.ndarray
   class_names: tuple[str, ...]
   class_ids: tuple[int, ...] | None = None
+  metric: str = "accuracy"
 
   def __post_init__(self):
     c = len(self.class_names)
+    if metrics.is_regression(self.metric):
+      for split, x, y in (
+        ("train", self.x_train, self.y_train),
+        ("test", self.x_test, self.y_test),
+      ):
+        y = np.asarray(y)
+        if c != 1 or len(x) != len(y) or y.dtype != np.float32 or not np.isfinite(y).all():
+          raise ValueError(f"task {self.name!r}: {split} needs one finite float32 target per input")
+      return
     if self.class_ids is not None and len(self.class_ids) != c:
       raise ValueError(f"task {self.name!r}: {len(self.class_ids)} class_ids for {c} classes")
     for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):

@@ -1,0 +1,573 @@
+"""Lots of LoRAs: a zoo of real adapters folded into one Share subspace, next to lorashare and
+vlora-dev on the same PEFT adapter directories.
+
+    python -m benchmarks.lots_of_loras --workdir DIR [--quick] [--seed N] [--kind text|fashion]
+        [--zoo-dir ZOO] [--tiny] [--results-md]
+
+Trains the zoo first if ``ZOO`` (default ``DIR/zoo``) has none (``share_jax.experiments.
+zoo_train``). Every method turns the zoo's adapters into a stored form and back into one LoRA per
+task; each task is evaluated with its own original head through the same JAX path as the
+original LoRA. Retention = accuracy / the original LoRA's accuracy (per task); agreement = share
+of test predictions equal to the original LoRA's; ΔW error = ‖ΔW' − ΔW‖_F / ‖ΔW‖_F over all
+adapted kernels. Bytes count float32 adapter parameters with shared bases included; every method
+keeps the heads verbatim, so ``storage_ratio`` compares adapters (original LoRA factors / the
+method's bytes) and ``storage_ratio_with_heads`` adds the heads on both sides.
+
+Methods: ``lora`` (the originals, the ceiling), ``no_adapter`` (ΔW = 0, each task's head only),
+``truncate_r{1,2}`` (each ΔW cut to rank 1 or 2 by SVD: a same-budget baseline), Share
+asynchronously (``init_subspace`` on the first 50 adapters, ``absorb`` the rest in batches of
+50) at several fixed k and explained-variance thresholds, Share all at once and one at a time for
+the headline setting, ``lorashare`` (``SHAREModel.from_adapters`` → ``reconstruct`` to PEFT dirs)
+and ``vlora`` (``SharedSubspace.from_adapters`` → ``reconstruct`` → ``save_adapter``); peers
+that are not installed are skipped with a message. Outputs in DIR: ``results.json``,
+``frontier.png``, ``early_tasks.png``, ``per_task.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import inspect
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import share_jax as sj
+from share_jax.experiments import zoo_train
+from share_jax.lora import LoRA, lora_leaves
+from share_jax.paths import nest
+
+BATCH = 50
+FLOAT_BYTES = 4
+
+
+@dataclasses.dataclass
+class Outcome:
+  """One method point: per-task LoRA trees (None = no adapter), bytes, seconds."""
+
+  name: str
+  family: str
+  loras: dict
+  adapter_params: int
+  seconds: float
+  config: dict
+
+
+def lora_params(tree) -> int:
+  return sum(int(np.size(x.a)) + int(np.size(x.b)) for x in lora_leaves(tree).values())
+
+
+def deltas(tree) -> dict[str, np.ndarray]:
+  return {p: np.asarray(x.delta(), np.float64) for p, x in lora_leaves(tree).items()}
+
+
+def delta_error(tree, original: dict[str, np.ndarray]) -> float:
+  """‖ΔW' − ΔW‖_F / ‖ΔW‖_F over all adapted kernels (ΔW' = 0 for no adapter)."""
+  new = deltas(tree) if tree is not None else {p: 0.0 for p in original}
+  num = sum(float(np.sum((new[p] - w) ** 2)) for p, w in original.items())
+  return float(np.sqrt(num / sum(float(np.sum(w**2)) for w in original.values())))
+
+
+def truncate(tree, rank: int):
+  """Each ΔW cut to its top ``rank`` singular directions (through QR of the factors, so only an
+  r × r SVD), balanced between a and b."""
+  out = {}
+  for p, x in lora_leaves(tree).items():
+    qa, ra = np.linalg.qr(np.asarray(x.a, np.float64))
+    qb, rb = np.linalg.qr(np.asarray(x.b, np.float64).T * x.scale)
+    u, s, vt = np.linalg.svd(ra @ rb.T)
+    root = np.sqrt(s[:rank])
+    out[p] = LoRA(
+      (qa @ (u[:, :rank] * root)).astype(np.float32),
+      ((root[:, None] * vt[:rank]) @ qb.T).astype(np.float32),
+    )
+  return nest(out)
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- Share
+
+
+def share_async(params, names, loras, spec: dict, batch: int, on_batch=None):
+  """``init_subspace`` on the first ``batch`` adapters, then ``absorb`` in batches of ``batch``;
+  ``on_batch(subspace, n_absorbed)`` after each step. Returns (subspace, seconds per step)."""
+  kw = dict(spec)
+  steps = []
+  sub, sec = _timed(
+    lambda: jax.block_until_ready(
+      sj.init_subspace(params, [loras[n] for n in names[:batch]], task_ids=names[:batch], **kw)
+    )
+  )
+  steps.append(sec)
+  if on_batch:
+    on_batch(sub, min(batch, len(names)))
+  for start in range(batch, len(names), batch):
+    chunk = names[start : start + batch]
+    sub, sec = _timed(
+      lambda chunk=chunk, sub=sub: jax.block_until_ready(
+        sj.absorb(sub, [loras[n] for n in chunk], task_ids=chunk)
+      )
+    )
+    steps.append(sec)
+    if on_batch:
+      on_batch(sub, start + len(chunk))
+  return sub, steps
+
+
+def share_outcome(name: str, family: str, sub, names, seconds: float, spec: dict) -> Outcome:
+  st = sj.storage(sub)
+  params = st.basis_params + sum(st.coef_params.values())
+  loras = {n: sj.reconstruct(sub, n) for n in names}
+  ks = sorted({int(k) for g in sub.groups.values() for k in np.asarray(g.rank).ravel()})
+  return Outcome(name, family, loras, params, seconds, {**spec, "k_range": [ks[0], ks[-1]]})
+
+
+# ----------------------------------------------------------------------------- peers
+
+
+def peer_status() -> dict[str, str]:
+  """``{peer: "ok" | why it is skipped}``."""
+  out = {}
+  for peer, module, pip in (
+    ("lorashare", "lorashare", "lorashare==0.1.3"),
+    ("vlora", "vlora", "vlora-dev==1.0.0"),
+  ):
+    try:
+      __import__(module)
+      out[peer] = "ok"
+    except Exception as e:  # ImportError, or a broken torch install
+      out[peer] = f"not installed ({type(e).__name__}: {e}); pip install {pip}"
+  return out
+
+
+def lorashare_outcome(lz, names, k, tmp: Path) -> Outcome:
+  import torch
+  from lorashare import SHAREModel
+
+  torch.set_num_threads(1)
+  paths = {n: str(lz.adapter_dir(n)) for n in names}
+  model, sec = _timed(lambda: SHAREModel.from_adapters(paths, num_components=k))
+  params = sum(int(c.numel()) for c in model.components.values())
+  params += sum(int(x.numel()) for ld in model.all_loadings.values() for x in ld.values())
+  loras = {}
+  for n in names:
+    out = tmp / f"lorashare_{k}" / n
+    model.reconstruct(n, output_dir=out)
+    loras[n], _ = zoo_train.read_zoo_adapter(lz, n, out)
+  return Outcome(f"lorashare k={k}", "lorashare", loras, params, sec, {"k": k})
+
+
+def vlora_outcome(lz, names, k, tmp: Path) -> Outcome:
+  import torch
+  from vlora import SharedSubspace, load_adapter, save_adapter
+
+  torch.set_num_threads(1)
+  adapters = [load_adapter(lz.adapter_dir(n)) for n in names]
+  sub, sec = _timed(
+    lambda: SharedSubspace.from_adapters(adapters, task_ids=names, num_components=k)
+  )
+  params = int(sub.compression_stats()["total_params_compressed"])
+  loras = {}
+  for n in names:
+    out = tmp / f"vlora_{k}" / n
+    save_adapter(sub.reconstruct(n), out)
+    loras[n], _ = zoo_train.read_zoo_adapter(lz, n, out)
+  return Outcome(f"vlora k={k}", "vlora", loras, params, sec, {"k": k})
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class Scorer:
+  """Accuracy, retention, agreement and ΔW error of a method's LoRAs, task by task."""
+
+  def __init__(self, lz, names, originals, heads):
+    self.lz, self.names, self.heads = lz, names, heads
+    self.tasks = {t.name: t for t in lz.tasks}
+    self.ev = zoo_train.Evaluator(lz.backbone)
+    self.orig_delta = {n: deltas(originals[n]) for n in names}
+    self.orig_pred = {n: self.ev.predictions(originals[n], heads[n], self.tasks[n]) for n in names}
+    self.orig_acc = {n: float(np.mean(self.orig_pred[n] == self.tasks[n].y_test)) for n in names}
+    no_adapter = self.rows({n: None for n in names})
+    self.no_adapter_acc = {r["name"]: r["acc"] for r in no_adapter}
+    self.head_bytes = (
+      sum(int(np.size(x)) for n in names for x in jax.tree.leaves(heads[n])) * FLOAT_BYTES
+    )
+
+  def rows(self, loras: dict, names=None) -> list[dict]:
+    out = []
+    for n in names or self.names:
+      pred = self.ev.predictions(loras[n], self.heads[n], self.tasks[n])
+      acc = float(np.mean(pred == self.tasks[n].y_test))
+      out.append(
+        {
+          "name": n,
+          "acc": acc,
+          "original_acc": self.orig_acc[n],
+          "retention": acc / self.orig_acc[n],
+          "agreement": float(np.mean(pred == self.orig_pred[n])),
+          "delta_error": delta_error(loras[n], self.orig_delta[n]),
+        }
+      )
+    return out
+
+  def summary(self, o: Outcome, original_bytes: int) -> dict:
+    rows = self.rows(o.loras)
+    ret = np.array([r["retention"] for r in rows])
+    nbytes = o.adapter_params * FLOAT_BYTES
+    gain = sum(self.orig_acc[n] - self.no_adapter_acc[n] for n in self.names)
+    kept = sum(r["acc"] - self.no_adapter_acc[r["name"]] for r in rows)
+    return {
+      "family": o.family,
+      "config": o.config,
+      "mean_retention": float(ret.mean()),
+      "min_retention": float(ret.min()),
+      "mean_acc": float(np.mean([r["acc"] for r in rows])),
+      "mean_agreement": float(np.mean([r["agreement"] for r in rows])),
+      "gain_retained": kept / gain if gain > 0 else None,
+      "mean_delta_error": float(np.mean([r["delta_error"] for r in rows])),
+      "bytes": nbytes,
+      "bytes_with_heads": nbytes + self.head_bytes,
+      "storage_ratio": original_bytes / nbytes if nbytes else None,  # None: stores nothing
+      "storage_ratio_with_heads": (original_bytes + self.head_bytes) / (nbytes + self.head_bytes),
+      "seconds": o.seconds,
+      "per_task": rows,
+    }
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+def settings_for(args) -> zoo_train.Settings:
+  s = (
+    zoo_train.Settings.quick(args.kind, tiny=args.tiny)
+    if args.quick
+    else zoo_train.Settings.full(args.kind)
+  )
+  return dataclasses.replace(s, seed=args.seed)
+
+
+def grid(quick: bool, minimal: bool, d: int) -> dict:
+  """Settings swept per method (k values capped by the kernel width d); ``minimal``: one point
+  per method (tests)."""
+  if minimal:
+    ks = (2,)
+  else:
+    ks = [k for k in ((2, 4, 8) if quick else (2, 4, 8, 16, 32)) if k <= d]
+  return {
+    "share_k": ks,
+    "share_ev": () if minimal else (0.6, 0.9) if quick else (0.6, 0.8, 0.95),
+    "share_tau": (0.3,) if quick else (0.2, 0.35, 0.5),
+    "lorashare_k": ks,
+    "vlora_k": (2,) if minimal else (2, 8) if quick else (4, 16, 32, 64),
+    "truncate": (1,) if minimal else (1, 2),
+    "headline": {"explained_variance": 0.6},
+  }
+
+
+def run(args) -> dict:
+  workdir = Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  s = settings_for(args)
+  zoo_dir = Path(args.zoo_dir) if args.zoo_dir else workdir / "zoo"
+  log = (lambda *a: print(*a, flush=True)) if not args.silent else (lambda *a: None)
+  lz, zoo_seconds = _timed(lambda: zoo_train.train_zoo(s, zoo_dir, log=log))
+  names = [t.name for t in lz.zoo.tasks]
+  originals, heads = {}, {}
+  for n in names:
+    originals[n], heads[n] = zoo_train.read_zoo_adapter(lz, n)
+  params = lz.backbone.params
+  d = min(min(x.a.shape[0], x.b.shape[1]) for x in lora_leaves(originals[names[0]]).values())
+  g = grid(args.quick, args.minimal, d)
+  scorer = Scorer(lz, names, originals, heads)
+  original_params = sum(lora_params(originals[n]) for n in names)
+  original_bytes = original_params * FLOAT_BYTES
+  methods: dict[str, dict] = {}
+  tmp = Path(tempfile.mkdtemp(prefix="peers_", dir=workdir))
+  batch = args.batch or (8 if args.quick else BATCH)
+
+  def add(o: Outcome) -> None:
+    methods[o.name] = scorer.summary(o, original_bytes)
+    m = methods[o.name]
+    log(
+      f"{o.name:28s} retention {m['mean_retention']:.4f} (min {m['min_retention']:.3f}) "
+      f"gain kept {pct(m['gain_retained'])} agreement {m['mean_agreement']:.3f} "
+      f"ΔW err {m['mean_delta_error']:.3f} "
+      f"ratio {ratio(m['storage_ratio'])} {m['seconds']:.2f} s"
+    )
+
+  add(Outcome("lora", "lora", originals, original_params, 0.0, {"rank": s.rank}))
+  add(Outcome("no_adapter", "no_adapter", {n: None for n in names}, 0, 0.0, {}))
+  for r in g["truncate"]:
+    loras, sec = _timed(lambda r=r: {n: truncate(originals[n], r) for n in names})
+    add(
+      Outcome(
+        f"truncate_r{r}", "truncate", loras, sum(map(lora_params, loras.values())), sec, {"rank": r}
+      )
+    )
+
+  # Share, asynchronous in batches of 50: the frontier.
+  has_tau = "max_task_error" in inspect.signature(sj.init_subspace).parameters
+  specs = [{"k": k} for k in g["share_k"]]
+  specs += [{"explained_variance": ev} for ev in g["share_ev"]]
+  specs += [{"max_task_error": t} for t in g["share_tau"]] if has_tau else []
+  batch_seconds = {}
+  for spec in specs:
+    sub, steps = share_async(params, names, originals, spec, batch)
+    label = "share " + ", ".join(f"{k}={v}" for k, v in spec.items())
+    batch_seconds[label] = steps
+    add(share_outcome(label, f"share (async, batches of {batch})", sub, names, sum(steps), spec))
+
+  # The headline rule three ways: async batches (with early-task tracking), all at once, one by one.
+  head_spec = g["headline"]
+  early = names[: min(batch, len(names))]
+  curve = []
+
+  def track(sub, n_absorbed):
+    rows = scorer.rows({n: sj.reconstruct(sub, n) for n in early}, early)
+    curve.append(
+      {
+        "absorbed": n_absorbed,
+        "mean_retention": float(np.mean([r["retention"] for r in rows])),
+        "min_retention": float(np.min([r["retention"] for r in rows])),
+        "mean_agreement": float(np.mean([r["agreement"] for r in rows])),
+        "mean_delta_error": float(np.mean([r["delta_error"] for r in rows])),
+      }
+    )
+
+  share_async(params, names, originals, head_spec, batch, on_batch=track)
+  # The same merges again, now compiled: steady-state seconds of each init/absorb step.
+  _, warm = share_async(params, names, originals, head_spec, batch)
+  batch_seconds["share ev=0.6 async, warm (compiled)"] = warm
+  sub, sec = _timed(lambda: jax.block_until_ready(sj.init_subspace(params, originals, **head_spec)))
+  add(
+    share_outcome("share all at once (ev=0.6)", "share (all at once)", sub, names, sec, head_spec)
+  )
+  sub, sec = _timed(
+    lambda: jax.block_until_ready(
+      sj.init_subspace(params, [originals[n] for n in early], task_ids=early, **head_spec)
+    )
+  )
+  steps = [sec]
+  for n in names[len(early) :]:
+    sub, sec = _timed(
+      lambda n=n, sub=sub: jax.block_until_ready(sj.absorb(sub, [originals[n]], task_ids=[n]))
+    )
+    steps.append(sec)
+  add(
+    share_outcome(
+      "share one at a time (ev=0.6)", "share (one at a time)", sub, names, sum(steps), head_spec
+    )
+  )
+  batch_seconds["share one at a time (ev=0.6)"] = steps
+
+  peers = peer_status()
+  for peer, make, ks in (
+    ("lorashare", lorashare_outcome, g["lorashare_k"]),
+    ("vlora", vlora_outcome, [k for k in g["vlora_k"] if k < len(names)]),
+  ):
+    if peers[peer] != "ok":
+      log(f"{peer}: skipped, {peers[peer]}")
+      continue
+    for k in ks:
+      add(make(lz, names, k, tmp))
+  shutil.rmtree(tmp, ignore_errors=True)
+
+  results = {
+    "num_tasks": len(names),
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "machine": f"{platform.machine()}, {jax.device_count()} {jax.default_backend()} device(s)",
+    "command": " ".join(["python -m benchmarks.lots_of_loras", *sys.argv[1:]]),
+    "zoo": {
+      "directory": str(zoo_dir),
+      "settings": dataclasses.asdict(s),
+      "backbone": lz.backbone.name,
+      "families": sorted({r["family"] for r in lz.rows}),
+      "train_seconds": float(sum(r["train_seconds"] for r in lz.rows)),
+      "mean_majority_acc": float(np.mean([r["majority_acc"] for r in lz.rows])),
+      "mean_lora_acc": float(np.mean(list(scorer.orig_acc.values()))),
+      "original_adapter_bytes": original_bytes,
+      "head_bytes": scorer.head_bytes,
+    },
+    "peers": peers,
+    "max_task_error_available": has_tau,
+    "methods": methods,
+    "early_tasks": {"rule": head_spec, "tasks": len(early), "batch": batch, "curve": curve},
+    "step_seconds": batch_seconds,
+  }
+  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  if not args.no_plots:
+    plot_all(results, workdir)
+  return results
+
+
+def pct(x: float | None) -> str:
+  return "-" if x is None else f"{100 * x:.0f} %"
+
+
+def ratio(x: float | None) -> str:
+  return "∞ (stores nothing)" if x is None else f"{x:.1f}×"
+
+
+def plot_all(results: dict, workdir: Path) -> None:
+  """frontier.png, early_tasks.png, per_task.png."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  methods = results["methods"]
+  families: dict[str, list] = {}
+  for m in methods.values():
+    families.setdefault(m["family"], []).append(m)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+  for ax, key, label in (
+    (axes[0], "mean_retention", "mean retention (%)"),
+    (axes[1], "mean_agreement", "agreement with the original LoRA's predictions (%)"),
+  ):
+    for family, ms in families.items():
+      ms = sorted((m for m in ms if m["storage_ratio"]), key=lambda m: m["storage_ratio"])
+      if ms:
+        x = [m["storage_ratio"] for m in ms]
+        ax.plot(x, [100 * m[key] for m in ms], marker="o", label=family)
+    if "no_adapter" in methods:
+      ax.axhline(100 * methods["no_adapter"][key], color="gray", ls="--", label="no adapter")
+    ax.set_xscale("log")
+    ax.set_xlabel("storage ratio (all LoRAs / method; bases in, heads out)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].set_title(f"{results['num_tasks']} tasks: retention vs storage")
+  axes[1].set_title("agreement vs storage")
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(workdir / "frontier.png", dpi=110)
+  plt.close(fig)
+
+  early = results["early_tasks"]
+  fig, ax = plt.subplots(figsize=(5.6, 4))
+  xs = [c["absorbed"] for c in early["curve"]]
+  ax.plot(xs, [100 * c["mean_retention"] for c in early["curve"]], marker="o", label="mean")
+  ax.plot(xs, [100 * c["min_retention"] for c in early["curve"]], marker="v", label="min")
+  ax.plot(xs, [100 * c["mean_agreement"] for c in early["curve"]], marker="s", label="agreement")
+  ax.set_xlabel("tasks absorbed so far")
+  ax.set_ylabel("first-batch tasks (%)")
+  ax.set_title(f"first {early['tasks']} tasks, Share {early['rule']}")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(workdir / "early_tasks.png", dpi=110)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  for family, ms in families.items():
+    if family == "lora":
+      continue
+    # The point of each family nearest a 16× storage ratio (matched storage).
+    m = min(ms, key=lambda m: abs(np.log((m["storage_ratio"] or 1e6) / 16)))
+    name = next(n for n, x in methods.items() if x is m)
+    ret = sorted(100 * r["retention"] for r in m["per_task"])
+    ax.plot(ret, label=f"{name} ({ratio(m['storage_ratio'])})", lw=1)
+  ax.set_xlabel("task (sorted by retention)")
+  ax.set_ylabel("retention (%)")
+  ax.grid(alpha=0.3)
+  ax.set_title("per-task retention, each method near 16× storage")
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(workdir / "per_task.png", dpi=110)
+  plt.close(fig)
+
+
+def table(results: dict) -> str:
+  lines = [
+    "| method | mean retention | min retention | gain kept | agreement | ΔW error | bytes "
+    "| storage ratio | ratio incl. heads | seconds |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name, m in results["methods"].items():
+    lines.append(
+      f"| {name} | {m['mean_retention']:.4f} | {m['min_retention']:.3f} | "
+      f"{pct(m['gain_retained'])} | {m['mean_agreement']:.3f} | {m['mean_delta_error']:.3f} | "
+      f"{m['bytes']:,} | "
+      f"{ratio(m['storage_ratio'])} | {m['storage_ratio_with_heads']:.1f}× | {m['seconds']:.2f} |"
+    )
+  return "\n".join(lines)
+
+
+SECTION = "## Lots of LoRAs (issue 9)"
+
+
+def section(results: dict) -> str:
+  """Markdown for ``benchmarks/RESULTS.md``: command, zoo, the table, early tasks, merge times."""
+  z = results["zoo"]
+  early = results["early_tasks"]
+  steps = results["step_seconds"]
+  warm = steps.get("share ev=0.6 async, warm (compiled)", [])
+  lines = [
+    SECTION,
+    "",
+    f"- command: `{results['command']}`",
+    f"- date: {results['date']}; machine: {results['machine']}",
+    f"- zoo: {results['num_tasks']} tasks ({', '.join(z['families'])}); backbone "
+    f"{z['backbone']}; settings {z['settings']}",
+    f"- mean test accuracy: original LoRAs {z['mean_lora_acc']:.3f}; majority class "
+    f"{z['mean_majority_acc']:.3f}; zoo training {z['train_seconds']:.0f} s",
+    f"- peers: {results['peers']}",
+    f"- `max_task_error` available: {results['max_task_error_available']}",
+    "",
+    table(results),
+    "",
+    f"Early tasks (the first {early['tasks']}, Share {early['rule']}, absorbed in batches of "
+    f"{early['batch']}): "
+    + ", ".join(
+      f"{c['absorbed']} tasks → retention {c['mean_retention']:.4f} (min {c['min_retention']:.3f}),"
+      f" agreement {c['mean_agreement']:.3f}"
+      for c in early["curve"]
+    ),
+    "",
+    "Seconds per init/absorb step, compiled (warm): " + ", ".join(f"{x:.3f}" for x in warm),
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def parse(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--quick", action="store_true", help=">= 20 tasks, few examples (CI)")
+  p.add_argument("--tiny", action="store_true", help="with --quick: a random tiny backbone")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--kind", default="text", choices=("text", "fashion"))
+  p.add_argument("--zoo-dir", default=None, help="a trained zoo to reuse (default DIR/zoo)")
+  p.add_argument("--batch", type=int, default=None, help="absorb batch (default 50; quick 8)")
+  p.add_argument("--minimal", action="store_true", help="one point per method (tests)")
+  p.add_argument("--no-plots", action="store_true")
+  p.add_argument("--silent", action="store_true")
+  p.add_argument("--results-md", action="store_true", help="write the RESULTS.md section")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+  args = parse(argv)
+  results = run(args)
+  text = section(results)
+  print(text)
+  if args.results_md:
+    from benchmarks.results_file import write_section
+
+    write_section(SECTION, text)
+
+
+if __name__ == "__main__":
+  main()

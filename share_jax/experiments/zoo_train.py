@@ -1,0 +1,281 @@
+"""Training the zoo: one rank-r LoRA (+ its own linear head) per task on cached frozen features,
+each written as a PEFT adapter directory, and reading the zoo back for evaluation.
+
+    python -m share_jax.experiments.zoo_train --out DIR [--kind text|fashion] [--quick]
+
+``DIR/zoo.json`` holds the settings and one row per task (classes, split sizes, majority-class
+accuracy, the LoRA's test accuracy, the accuracy of its head with the adapter removed, training
+seconds); ``DIR/adapters/<task>/`` the PEFT adapters (``modules_to_save``: ``classifier``).
+Training resumes: tasks whose row and adapter exist are skipped. Features of the frozen bottom
+layers are computed once per zoo and cached in ``DIR/features.npz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import share_jax as sj
+from share_jax import peft_io
+from share_jax.experiments import backbones, training, zoo
+from share_jax.experiments.backbones import Backbone, Inputs
+
+# Flax kernel paths "params/layer_{i}/attention/{query,value}/kernel" ↔ BERT-style PEFT modules.
+SCHEME = peft_io.Scheme(
+  "zoo", (("encoder.layer.{i}.attention.self.{qkv}", "params/layer_{i}/attention/{qkv}"),)
+)
+HEAD = "classifier"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything that fixes a zoo (written to zoo.json)."""
+
+  kind: str = "text"
+  backbone: str = "minilm"
+  max_len: int = 32
+  frozen_layers: int = 5
+  n_train: int = 48
+  n_test: int = 40
+  rank: int = 8
+  lr: float = 1e-2
+  epochs: int = 5
+  batch_size: int = 32
+  seed: int = 0
+  max_tasks: int | None = None
+
+  @classmethod
+  def quick(cls, kind: str = "text", tiny: bool = False) -> Settings:
+    """≥ 20 tasks, few examples; ``tiny``: a random tiny backbone (tests, no assets needed for
+    the model; the data still come from the installed packages)."""
+    base = cls(kind=kind, n_train=24, n_test=16, epochs=4, max_tasks=22, batch_size=16)
+    if kind == "fashion":
+      base = dataclasses.replace(base, backbone="vit_tiny" if tiny else "vit", frozen_layers=0)
+    elif tiny:
+      base = dataclasses.replace(base, backbone="tiny_bert", max_len=16, frozen_layers=1)
+    return base
+
+  @classmethod
+  def full(cls, kind: str = "text") -> Settings:
+    if kind == "fashion":
+      return cls(kind="fashion", backbone="vit", frozen_layers=0, n_test=64)
+    return cls()
+
+
+def make_backbone(s: Settings, cache_dir: Path) -> Backbone:
+  if s.backbone == "minilm":
+    return backbones.minilm_backbone(max_len=s.max_len, frozen_layers=s.frozen_layers)
+  if s.backbone == "tiny_bert":
+    return backbones.tiny_bert_backbone(max_len=s.max_len, frozen_layers=s.frozen_layers)
+  if s.backbone in ("vit", "vit_tiny"):
+    from share_jax.experiments import vision
+
+    return vision.vit_backbone(cache_dir=cache_dir, quick=s.backbone == "vit_tiny", seed=0)
+  raise ValueError(f"unknown backbone {s.backbone!r}; known: minilm, tiny_bert, vit, vit_tiny")
+
+
+def encode_universe(backbone: Backbone, universe, path: Path) -> Inputs:
+  """``backbone.encode`` of every universe item, cached at ``path`` (keyed by the backbone)."""
+  if path.is_file():
+    with np.load(path, allow_pickle=False) as f:
+      cached = {k: f[k] for k in f.files if k != "__backbone__"}
+      if str(f["__backbone__"]) == backbone.name and all(
+        len(v) == len(universe) for v in cached.values()
+      ):
+        return cached
+  inputs = {k: np.asarray(v) for k, v in backbone.encode(universe).items()}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
+    np.savez(f, __backbone__=np.asarray(backbone.name), **inputs)
+  os.replace(f.name, path)
+  return inputs
+
+
+def encoded(task: zoo.ZooTask, inputs: Inputs) -> training.EncodedTask:
+  return training.EncodedTask(
+    task.name,
+    task.spec.num_classes,
+    training.take(inputs, task.train),
+    task.y_train,
+    training.take(inputs, task.test),
+    task.y_test,
+  )
+
+
+class Evaluator:
+  """Test predictions and accuracy of (LoRA tree or None, head) on an encoded task, through one
+  jitted path."""
+
+  def __init__(self, backbone: Backbone, eval_batch: int = 128):
+    self.backbone, self.eval_batch = backbone, eval_batch
+    self.predict = jax.jit(
+      lambda params, head, x: jnp.argmax(training.logits(head, backbone.features(params, x)), -1)
+    )
+
+  def predictions(self, lora: Any, head: training.Head, task: training.EncodedTask) -> np.ndarray:
+    """(N_test,) predicted labels."""
+    params = self.backbone.params if lora is None else sj.apply_lora(self.backbone.params, lora)
+    return backbones.batched(lambda x: self.predict(params, head, x), task.x_test, self.eval_batch)
+
+  def accuracy(self, lora: Any, head: training.Head, task: training.EncodedTask) -> float:
+    return float(np.mean(self.predictions(lora, head, task) == task.y_test))
+
+
+def to_peft_head(head: training.Head) -> dict:
+  return {HEAD: {"kernel": np.asarray(head["w"]), "bias": np.asarray(head["b"])}}
+
+
+def from_peft_head(heads: dict) -> training.Head:
+  return {"w": jnp.asarray(heads[HEAD]["kernel"]), "b": jnp.asarray(heads[HEAD]["bias"])}
+
+
+@dataclasses.dataclass
+class LoadedZoo:
+  settings: Settings
+  zoo: zoo.Zoo
+  backbone: Backbone
+  tasks: list[training.EncodedTask]
+  rows: list[dict]
+  directory: Path
+
+  def adapter_dir(self, name: str) -> Path:
+    return self.directory / "adapters" / name
+
+
+def prepare(s: Settings, directory: Path, data_dir=None) -> LoadedZoo:
+  """The zoo's tasks and backbone with features encoded (cached); rows from zoo.json if any."""
+  z = zoo.build_zoo(
+    s.kind,
+    n_train=s.n_train,
+    n_test=s.n_test,
+    seed=s.seed,
+    max_tasks=s.max_tasks,
+    data_dir=data_dir,
+  )
+  backbone = make_backbone(s, directory / "cache")
+  inputs = encode_universe(backbone, z.universe, directory / "features.npz")
+  manifest = directory / "zoo.json"
+  rows = json.loads(manifest.read_text())["tasks"] if manifest.is_file() else []
+  return LoadedZoo(s, z, backbone, [encoded(t, inputs) for t in z.tasks], rows, directory)
+
+
+def _write_manifest(lz: LoadedZoo) -> None:
+  doc = {
+    "settings": dataclasses.asdict(lz.settings),
+    "backbone": lz.backbone.name,
+    "num_tasks": len(lz.zoo.tasks),
+    "tasks": lz.rows,
+  }
+  path = lz.directory / "zoo.json"
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(doc, indent=1))
+  os.replace(tmp, path)
+
+
+def train_zoo(s: Settings, directory: str | Path, data_dir=None, log=None) -> LoadedZoo:
+  """Trains (or resumes) every task's LoRA + head; returns the loaded zoo with all rows."""
+  directory = Path(directory)
+  log = log or (lambda msg: print(msg, flush=True))
+  lz = prepare(s, directory, data_dir)
+  manifest = directory / "zoo.json"
+  if manifest.is_file() and json.loads(manifest.read_text())["settings"] != dataclasses.asdict(s):
+    raise ValueError(f"{manifest} was made with other settings; use another directory")
+  done = {r["name"]: r for r in lz.rows if lz.adapter_dir(r["name"]).is_dir()}
+  ev = Evaluator(lz.backbone)
+  loss = training.classification_loss(lz.backbone.features)
+  opt = optax.adam(s.lr)
+  step = training.make_step(
+    lambda tr, params, batch: loss(sj.apply_lora(params, tr["lora"]), tr["head"], batch), opt
+  )
+  rows = []
+  start_all = time.perf_counter()
+  for i, (spec_task, task) in enumerate(zip(lz.zoo.tasks, lz.tasks, strict=True)):
+    if task.name in done:
+      rows.append(done[task.name])
+      continue
+    start = time.perf_counter()
+    key = jax.random.fold_in(jax.random.key(s.seed), zlib_hash(task.name))
+    lora = sj.init_lora_tree(lz.backbone.params, lz.backbone.target, rank=s.rank, rng=key)
+    trainable = {
+      "lora": lora,
+      "head": training.zero_head(lz.backbone.feature_dim, task.num_classes),
+    }
+    trainable, _ = training.fit(
+      lambda tr, o, b: step(tr, o, lz.backbone.params, b),
+      trainable,
+      opt.init(trainable),
+      [(task.x_train, task.y_train, {})],
+      epochs=s.epochs,
+      batch_size=s.batch_size,
+      seed=s.seed * 7919 + i,
+      desc=task.name,
+    )
+    seconds = time.perf_counter() - start
+    lora, head = trainable["lora"], trainable["head"]
+    out = lz.adapter_dir(task.name)
+    if out.exists():  # a run killed between writing the adapter and the manifest
+      shutil.rmtree(out)
+    peft_io.write_adapter(out, lora, scheme=SCHEME, heads=to_peft_head(head))
+    row = {
+      "name": task.name,
+      "family": spec_task.spec.family,
+      "classes": [c for c, _ in spec_task.spec.classes],
+      "cells": [list(cells) for _, cells in spec_task.spec.classes],
+      "n_train": int(len(task.y_train)),
+      "n_test": int(len(task.y_test)),
+      "majority_acc": spec_task.majority_accuracy,
+      "lora_acc": ev.accuracy(lora, head, task),
+      "head_without_adapter_acc": ev.accuracy(None, head, task),
+      "train_seconds": seconds,
+    }
+    rows.append(row)
+    lz.rows = rows + [done[t.name] for t in lz.zoo.tasks[i + 1 :] if t.name in done]
+    _write_manifest(lz)
+    log(
+      f"[{i + 1}/{len(lz.tasks)}] {task.name}: LoRA {row['lora_acc']:.3f}, head without adapter "
+      f"{row['head_without_adapter_acc']:.3f}, majority {row['majority_acc']:.3f} ({seconds:.1f} s)"
+    )
+  lz.rows = rows
+  _write_manifest(lz)
+  log(f"zoo of {len(rows)} tasks in {directory} ({time.perf_counter() - start_all:.0f} s)")
+  return lz
+
+
+def zlib_hash(name: str) -> int:
+  return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def read_zoo_adapter(lz: LoadedZoo, name: str, directory: Path | None = None):
+  """(LoRA tree, head) of a PEFT adapter dir (default: the zoo's own adapter of ``name``)."""
+  a = peft_io.read_adapter(
+    directory or lz.adapter_dir(name), scheme=SCHEME, params=lz.backbone.params
+  )
+  return a.lora, (from_peft_head(a.heads) if a.heads else None)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--kind", default="text", choices=("text", "fashion"))
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  s = Settings.quick(args.kind) if args.quick else Settings.full(args.kind)
+  train_zoo(dataclasses.replace(s, seed=args.seed), args.out)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,108 @@
+"""The Lots-of-LoRAs zoo and benchmark: task construction, and the quick mode end to end at tiny
+size (random tiny BERT on the real text data; skipped where the data packages are missing)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from benchmarks import lots_of_loras
+from share_jax import peft_io
+from share_jax.experiments import zoo, zoo_train
+from share_jax.experiments.data import bbc_news, sources, tweet_sentiment
+from share_jax.lora import LoRA
+from share_jax.paths import nest
+
+
+def test_text_and_fashion_specs_are_distinct_and_cover_the_zoo():
+  text, fashion = zoo.text_specs(), zoo.fashion_specs(seed=0)
+  assert len(text) == 109 and len(fashion) == 100
+  for specs in (text, fashion):
+    assert len({s.name for s in specs}) == len(specs)
+    # No two tasks ask the same question (same classes made of the same cells).
+    keys = {tuple(sorted(cells for _, cells in s.classes)) for s in specs}
+    assert len(keys) == len(specs)
+    for s in specs:
+      cells = [c for _, cs in s.classes for c in cs]
+      assert len(cells) == len(set(cells)) and s.num_classes >= 2
+  assert zoo.fashion_specs(seed=0) == fashion
+
+
+def test_draw_is_balanced_disjoint_and_deterministic():
+  cells = {
+    f"c{i}": (np.arange(100 * i, 100 * i + 60), np.arange(100 * i + 60, 100 * i + 90))
+    for i in range(4)
+  }
+  spec = zoo.TaskSpec("t", "f", (("a", ("c0",)), ("rest", ("c1", "c2", "c3"))))
+  t = zoo.draw(spec, cells, n_train=10, n_test=7, seed=3)
+  assert np.bincount(t.y_train).tolist() == [10, 10] and np.bincount(t.y_test).tolist() == [7, 7]
+  assert not set(t.train) & set(t.test)
+  rest = t.train[t.y_train == 1]
+  assert sorted(len(set(rest) & set(cells[c][0])) for c in ("c1", "c2", "c3")) == [3, 3, 4]
+  again = zoo.draw(spec, cells, n_train=10, n_test=7, seed=3)
+  assert np.array_equal(t.train, again.train) and np.array_equal(t.y_test, again.y_test)
+  assert t.majority_accuracy == 0.5
+  with pytest.raises(ValueError, match="c0"):
+    zoo.draw(spec, cells, n_train=61, n_test=7, seed=3)
+
+
+def test_truncate_and_delta_error_match_numpy():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(12, 4)), rng.normal(size=(4, 9))
+  tree = nest({"k/kernel": LoRA(a.astype(np.float32), b.astype(np.float32))})
+  cut = lots_of_loras.truncate(tree, 2)
+  w = a @ b
+  u, s, vt = np.linalg.svd(w)
+  best = (u[:, :2] * s[:2]) @ vt[:2]
+  got = lots_of_loras.deltas(cut)["k/kernel"]
+  np.testing.assert_allclose(got, best, atol=1e-4)
+  err = lots_of_loras.delta_error(cut, {"k/kernel": w})
+  np.testing.assert_allclose(err, np.linalg.norm(best - w) / np.linalg.norm(w), rtol=1e-4)
+  assert lots_of_loras.delta_error(None, {"k/kernel": w}) == 1.0
+
+
+def _need_text_data():
+  for cls in (bbc_news.BbcNews, tweet_sentiment.TweetSentiment):
+    path = cls().default_source()
+    if path is None or not path.exists():
+      pytest.skip(f"{cls.name} asset not installed: {sources.INSTALL[cls.name]}")
+
+
+def test_quick_mode_at_tiny_size(tmp_path):
+  _need_text_data()
+  args = lots_of_loras.parse(
+    ["--workdir", str(tmp_path), "--quick", "--tiny", "--minimal", "--no-plots", "--silent"]
+  )
+  r = lots_of_loras.run(args)
+  n = r["num_tasks"]
+  assert n >= 20
+  assert set(r["peers"]) == {"lorashare", "vlora"}
+  expected = {"lora", "no_adapter", "truncate_r1", "share k=2", "share all at once (ev=0.6)"}
+  expected |= {"share one at a time (ev=0.6)"}
+  expected |= {"lorashare k=2"} if r["peers"]["lorashare"] == "ok" else set()
+  expected |= {"vlora k=2"} if r["peers"]["vlora"] == "ok" else set()
+  assert expected <= set(r["methods"])
+  keys = {"mean_retention", "min_retention", "bytes", "storage_ratio", "seconds", "per_task"}
+  for name, m in r["methods"].items():
+    assert keys <= set(m), name
+    assert len(m["per_task"]) == n
+    assert 0.0 <= m["min_retention"] <= m["mean_retention"] <= 2.0, name
+    assert all(0 <= row["agreement"] <= 1 for row in m["per_task"])
+  lora = r["methods"]["lora"]
+  assert lora["mean_retention"] == 1.0 and lora["storage_ratio"] == 1.0
+  assert r["methods"]["no_adapter"]["bytes"] == 0
+  share = r["methods"]["share k=2"]
+  assert 1.0 < share["storage_ratio"] and share["bytes"] > 0
+  assert 0.5 < share["mean_retention"]
+  assert [c["absorbed"] for c in r["early_tasks"]["curve"]][-1] == n
+  if "lorashare k=2" in r["methods"]:  # same math, same storage formula
+    assert r["methods"]["lorashare k=2"]["bytes"] == share["bytes"]
+  # The zoo: a PEFT adapter per task, with its head, and its accuracies recorded.
+  lz = zoo_train.prepare(zoo_train.Settings.quick("text", tiny=True), tmp_path / "zoo")
+  assert len(lz.rows) == n
+  for row in lz.rows:
+    assert 0 < row["majority_acc"] <= 0.5 and 0 <= row["lora_acc"] <= 1
+    adapter = peft_io.read_adapter(lz.adapter_dir(row["name"]), scheme=zoo_train.SCHEME)
+    assert adapter.config["r"] == 8 and zoo_train.HEAD in adapter.heads
+  names = [row["name"] for row in lz.rows]
+  assert len(set(names)) == n and not any(a == b for a, b in itertools.pairwise(names))
