@@ -286,3 +286,27 @@ def test_gpt2_fan_in_fan_out_matches_peft(tmp_path):
   )
   for i, t in enumerate([1, 0, 1]):
     np.testing.assert_allclose(mixed[i], outputs[t][i], rtol=1e-5, atol=3e-5)
+
+
+def test_checkpoint_keeps_kernel_layouts(tmp_path):
+  """Conv and transposed kernels come back from a checkpoint with their stored layout."""
+  from share_jax.checkpoint import Checkpointer
+
+  params = {"conv": {"kernel": jnp.zeros((3, 3, 2, 4))}, "c1d": {"kernel": jnp.zeros((6, 5))}}
+  rng = np.random.default_rng(0)
+  lora = {
+    "conv": {"kernel": LoRA(jnp.asarray(rng.normal(size=(18, 2))), jnp.ones((2, 4)))},
+    "c1d": {
+      "kernel": LoRA(jnp.ones((5, 2)), jnp.asarray(rng.normal(size=(2, 6))), transposed=True)
+    },
+  }
+  sub = sj.init_subspace(params, [lora], k=2)
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(sub)
+    back = ckpt.restore()
+  assert back.layout == sub.layout
+  assert back.layout.spec("c1d/kernel").stored_shape == (6, 5)
+  want = flatten_with_paths(sj.task_params(params, sub, 0))
+  got = flatten_with_paths(sj.task_params(params, back, 0))
+  for p in want:
+    np.testing.assert_allclose(got[p], want[p], atol=1e-6)
