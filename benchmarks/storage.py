@@ -74,8 +74,8 @@ MISTRAL = {
 
 
 def row(name: str, st: sj.Storage) -> str:
-  n = len(st.task_params)
-  coef = sum(st.task_params.values())
+  n = len(st.coef_params)
+  coef = sum(st.coef_params.values())
   lora = sum(st.lora_params.values())
   return (
     f"| {name} | {n} | {coef / n / 1e6:.4f} M | {coef * 4 / MB:.3g} MB | "

@@ -34,6 +34,7 @@ from share_jax._driver import merge_columns
 from share_jax._validation import check_new_task_ids, check_params
 from share_jax.apply import apply_factors
 from share_jax.errors import ShareError
+from share_jax.fidelity import stored_norms
 from share_jax.lora import add_deltas
 from share_jax.merge import mm, scatter_factor, side_factors
 from share_jax.paths import flatten_with_paths
@@ -149,6 +150,12 @@ def begin_task(
     raise ShareError(f"begin_task {task_id!r}: scale must be a finite number > 0, got {scale!r}")
   if head is not None:
     check_finite(head, f"task {task_id!r}: head")
+  try:
+    jax.random.split(rng)
+  except (TypeError, ValueError):
+    raise ShareError(
+      f"begin_task {task_id!r}: rng must be a PRNG key (e.g. jax.random.key(0)), got {rng!r:.80}"
+    ) from None
   a_rows = _side_rows(subspace.layout, "a")
   coef, temp, temp_coef = {}, {}, {}
   for g, grp in subspace.groups.items():
@@ -355,7 +362,9 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
   """Store fine-tuned coefficients (and head) of a task already held; bases are unchanged.
 
   The trainable must carry no temporary factors (their span is not in the bases): merge with
-  ``finish_task`` first. The scatter statistics the next merge needs are refreshed.
+  ``finish_task`` first. The scatter statistics the next merge needs are refreshed, and the
+  task's fidelity record restarts from the stored coefficients (``task_errors`` then measures
+  later merges' loss against them).
   """
   i = subspace.task_index(task_id)
   _check_state(subspace, trainable, task_id)
@@ -377,5 +386,9 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
     coef = _write(grp.coef, jnp.asarray(i, jnp.int32), trainable.coef[g].astype(jnp.float32))
     scatter = scatter_factor(coef, grp.ncols, center=subspace.config.center)
     groups[g] = grp.replace(coef=coef, scatter=scatter)
-  out = subspace.replace(groups=groups)
+  norm = stored_norms(groups, subspace.layout)[i]  # stored exactly: the new original, error 0
+  tasks = subspace.tasks.replace(
+    norm=subspace.tasks.norm.at[i].set(norm), error=subspace.tasks.error.at[i].set(0.0)
+  )
+  out = subspace.replace(groups=groups, tasks=tasks)
   return out if trainable.head is None else out.with_head(task_id, trainable.head)

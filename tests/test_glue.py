@@ -82,6 +82,7 @@ def test_reader_handles_every_task_layout(glue_dir):
   assert sts.y_train[0] == pytest.approx(
     float((glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[1].split("\t")[-1])
   )
+  assert sts.x_train[-1] == ("the cat", "a dog") and sts.y_train[-1] == np.float32(4.25)
   assert by["RTE"].class_names == ("entailment", "not_entailment")
   assert len(by["SST-2"].x_test) == 8  # dev.tsv is the test split
 
@@ -154,6 +155,24 @@ def test_hf_backbone_frozen_prefix_gives_the_same_features(roberta_dir, glue_dir
     atol=2e-5,
   )
   assert set(split.params) == {"encoder"} and set(split.params["encoder"]["layer"]) == {"1"}
+
+
+@needs_transformers
+def test_text_config_takes_a_model_dir(roberta_dir):
+  config = runner.resolve(get_config("text_domains", "quick"))
+  config.model_dir = str(roberta_dir)
+  backbone = runner.make_backbone(config)
+  assert backbone.name.startswith("hf:roberta") and "max_len=16" in backbone.name
+  assert "encoder/layer/1/attention/self/value/kernel" in sj_paths(backbone.params)
+  config.backbone.frozen_layers = 3
+  with pytest.raises(ShareError, match=r"frozen_layers=3 must be in \[0, 2\)"):
+    runner.make_backbone(config)
+
+
+def sj_paths(params) -> set[str]:
+  from share_jax.paths import flatten_with_paths
+
+  return set(flatten_with_paths(params))
 
 
 # ----------------------------------------------------------------------------- end to end

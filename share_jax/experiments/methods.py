@@ -378,7 +378,7 @@ class Share(Method):
     self.cost.adapter_trained.append(trained)
     self.cost.head.append(head_size(sub.heads[i]))
     store = sj.storage(sub)
-    self.cost.adapter_stored = [store.task_params[t] for t in sub.task_ids]
+    self.cost.adapter_stored = [store.coef_params[t] for t in sub.task_ids]
     self.cost.shared = store.basis_params
 
   def finetune(self, sub: sj.Subspace, j: int, task: EncodedTask, epochs: int) -> sj.Subspace:

@@ -4,7 +4,8 @@
     python -m share_jax.run --config configs/text_domains.py --workdir /tmp/q --config.quick=True
 
 Writes ``WORKDIR/results.json`` (per method: accuracy matrix in percent, ACC, BWT, forgetting,
-FWT, parameters and bytes per task, wall time, strictness) and ``WORKDIR/accuracy.png``, and
+FWT, parameters and bytes per task, wall time, strictness), ``WORKDIR/accuracy.png`` and, for
+Share and per-task LoRA, ``WORKDIR/diagnostics_<method>/`` (``share_jax.diagnostics``), and
 prints a comparison table. Metrics are defined in ``share_jax.experiments.metrics``.
 """
 
@@ -41,6 +42,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (co
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where results.json and accuracy.png go.")
 
 VISION = "share_jax.experiments.vision"
+EFFICIENTNET = "share_jax.experiments.vision_efficientnet"
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -64,6 +66,9 @@ def load_tasks(config) -> tuple[list, str]:
       d.get("splits", datasets.tasks.BBC_CLASS_INCREMENTAL), **sizes, seed=seed
     ),
     "split_fashion_mnist": lambda: datasets.split_fashion_mnist(**sizes, seed=seed),
+    "fashion_then_mnist": lambda: importlib.import_module(EFFICIENTNET).fashion_then_mnist(
+      **sizes, seed=seed
+    ),
     "glue": lambda: glue.glue_sequence(
       config.get("data_dir"),
       d.tasks,
@@ -82,7 +87,7 @@ def load_tasks(config) -> tuple[list, str]:
       raise
     make = (
       synthetic.synthetic_image_tasks
-      if d.name == "split_fashion_mnist"
+      if d.name in ("split_fashion_mnist", "fashion_then_mnist")
       else synthetic.synthetic_text_tasks
     )
     tasks = make(
@@ -108,8 +113,12 @@ def make_backbone(config) -> backbones.Backbone:
     except ModuleNotFoundError as e:
       raise ShareError(f"backbone 'vit' needs {VISION}.vit_backbone, not available: {e}") from e
     backbone = vision.vit_backbone(**kwargs)
+  elif name == "efficientnet":
+    backbone = importlib.import_module(EFFICIENTNET).efficientnet_backbone(**kwargs)
   else:
-    raise ShareError(f"unknown backbone.name {name!r}; known: hf, minilm, tiny_bert, vit")
+    raise ShareError(
+      f"unknown backbone.name {name!r}; known: hf, minilm, tiny_bert, vit, efficientnet"
+    )
   if config.target:
     backbone = dataclasses.replace(backbone, target=config.target)
   try:
