@@ -27,8 +27,8 @@ import share_jax as sj
 from benchmarks.results_file import write_section
 from share_jax import diagnostics as dg
 from share_jax.experiments import run as runner
+from share_jax.experiments.fitting import encode_task
 from share_jax.experiments.methods import Context, LoRAPerTask
-from share_jax.experiments.training import encode_task
 
 ROOT = Path(__file__).parent.parent
 FIGURE = Path(__file__).with_name("figures") / "figure1_text_domains.png"
