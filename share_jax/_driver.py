@@ -95,7 +95,8 @@ def merge_columns(
       )
     groups[g] = merged
   loss = jnp.sqrt(fidelity.projection_loss2(full, res, layout))
-  tasks = tasks.replace(error=tasks.error + loss)
+  error = fidelity.next_bound(tasks, loss, fidelity.stored_norms(groups, layout))
+  tasks = tasks.replace(error=jnp.where(is_new, loss, error))
   out = subspace.replace(groups=groups, tasks=tasks, config=config)
   fidelity.check_threshold(out)
   return out

@@ -9,9 +9,12 @@ exact from small Gram matrices, with no cancellation:
 with F = XᵀX the p × p Gram of a side's columns before the projection and R = X⊥ᵀX⊥ that of the
 part the projection drops (``merge_group`` returns R per task and side). A later merge projects
 the stored ΔŴ again; its loss is the same formula, and the triangle inequality adds it to the
-bound. So ``error`` is exact right after the merge that stored a task and an upper bound after
-every later one, without keeping any original factor. ``norm`` is ‖ΔW‖ when the task was stored
-(``set_task`` stores new coefficients exactly: norm is theirs, error 0).
+bound. A second bound holds too: with N = ‖ΔW‖, e the previous bound and s = ‖ΔŴ_new‖, Π the
+new projection and ⟨ΔŴ, Π ΔŴ⟩ = s², ‖ΔW − ΔŴ_new‖² = N² − s² − 2⟨ΔW − ΔŴ, ΔŴ_new⟩
+<= N² − s² + 2 e s; it is the tighter one when a merge drops most of what was left. So ``error``
+is exact right after the merge that stored a task and an upper bound (the smaller of the two)
+after every later one, without keeping any original factor. ``norm`` is ‖ΔW‖ when the task was
+stored (``set_task`` stores new coefficients exactly: norm is theirs, error 0).
 """
 
 from __future__ import annotations
@@ -83,6 +86,14 @@ def projection_loss2(full: dict, res: dict, layout: Layout) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("layout",))
 def _stored_norms(coefs: dict, layout: Layout) -> jax.Array:
   return jnp.sqrt(jnp.maximum(_delta_norm2({g: grams(c) for g, c in coefs.items()}, layout), 0.0))
+
+
+def next_bound(tasks, loss: jax.Array, stored: jax.Array) -> jax.Array:
+  """The error bound (T,) after a merge that moved each stored ΔŴ by ``loss`` (exact) and left
+  it with norm ``stored``: the smaller of the triangle inequality and the expansion above."""
+  n, e = tasks.norm, tasks.error
+  expansion = jnp.sqrt(jnp.maximum(n**2 - stored**2 + 2.0 * e * stored, 0.0))
+  return jnp.minimum(e + loss, expansion)
 
 
 def stored_norms(groups: dict, layout: Layout) -> jax.Array:

@@ -16,6 +16,7 @@ QUICK = {
   "serving": ["--quick"],
   "storage": ["--quick"],
   "continual": ["--config", "configs/text_domains.py", "--quick"],
+  "fidelity": ["--quick"],
   "train_step": ["--quick"],
 }
 

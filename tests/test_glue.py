@@ -210,9 +210,9 @@ def test_regression_and_classification_tasks_train_together():
   """Per-task and joint LoRA on a classification task then a regression task (tiny BERT)."""
   from share_jax.experiments.backbones import tiny_bert_backbone
   from share_jax.experiments.data import Task
+  from share_jax.experiments.fitting import encode_task
   from share_jax.experiments.methods import METHODS, Context
   from share_jax.experiments.synthetic import synthetic_text_tasks
-  from share_jax.experiments.training import encode_task
 
   cls, other = synthetic_text_tasks(2, num_classes=2, n_train=8, n_test=8)
   reg = Task(
