@@ -39,7 +39,9 @@ def text_config(quick: bool):
   spec = importlib.util.spec_from_file_location("text_domains", ROOT / "configs/text_domains.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return runner.resolve(module.get_config("quick" if quick else None))
+  config = module.get_config()
+  config.quick = quick
+  return runner.resolve(config)
 
 
 def train_loras(config, seeds: int) -> tuple[dict, list[str], object, str]:

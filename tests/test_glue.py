@@ -159,7 +159,7 @@ def test_hf_backbone_frozen_prefix_gives_the_same_features(roberta_dir, glue_dir
 
 @needs_transformers
 def test_text_config_takes_a_model_dir(roberta_dir):
-  config = runner.resolve(get_config("text_domains", "quick"))
+  config = runner.resolve(quick_config("text_domains"))
   config.model_dir = str(roberta_dir)
   backbone = runner.make_backbone(config)
   assert backbone.name.startswith("hf:roberta") and "max_len=16" in backbone.name
@@ -224,7 +224,7 @@ def test_regression_and_classification_tasks_train_together():
     ("score",),
     metric="pearson",
   )
-  config = runner.resolve(get_config("glue", "quick"))
+  config = runner.resolve(quick_config("glue"))
   config.methods = ("head_only", "lora_per_task", "lora_joint")
   backbone = tiny_bert_backbone(max_len=16, frozen_layers=1)
   tasks = [encode_task(backbone, t) for t in (cls, reg)]
@@ -239,8 +239,11 @@ def test_regression_and_classification_tasks_train_together():
       assert head["w"].shape == (backbone.feature_dim, 1)
 
 
-def get_config(name, arg=None):
+def quick_config(name):
+  """configs/<name>.py with ``quick=True``."""
   spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  config = module.get_config()
+  config.quick = True
+  return config
