@@ -1,7 +1,11 @@
 """Continual learning over seeds: every method of a config, mean ± std, appended to RESULTS.md.
 
-    python benchmarks/continual.py --config configs/text_domains.py --workdir runs/bench \
+    python -m benchmarks.continual --config configs/text_domains.py --workdir runs/bench \
       --seeds=0,1,2
+    python -m benchmarks.continual --config configs/text_domains.py --quick  # smoke test
+
+``--quick``: the config's quick mode (tiny backbone, few examples) on two tasks, the first seed
+only, a temporary workdir unless one is given; the table is printed, RESULTS.md left alone.
 
 Each seed is one ``share_jax.run`` run (``WORKDIR/seed_S/results.json``); the section
 ``## Continual learning (issue 3)`` of ``benchmarks/RESULTS.md`` gets a table of ACC,
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
 _RESULTS = flags.DEFINE_string(
   "results", str(Path(__file__).parent / "RESULTS.md"), "Markdown file to append to."
 )
+_QUICK = flags.DEFINE_bool("quick", False, "Smoke test: quick config, 2 tasks, 1 seed, no write.")
 SECTION = "## Continual learning (issue 3)"
 
 
@@ -66,19 +72,25 @@ def section(runs: list[dict], command: str) -> str:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  config, workdir = flags.FLAGS.config, Path(flags.FLAGS.workdir)
-  runs = []
-  for seed in map(int, _SEEDS.value):
-    config.seed = seed
-    runs.append(runner.run(config, workdir / f"seed_{seed}"))
-  command = " ".join(["python", *sys.argv])
-  text = section(runs, command)
-  with open(_RESULTS.value, "a") as f:
-    f.write(f"\n{text}")
+  config, workdir, seeds = flags.FLAGS.config, flags.FLAGS.workdir, _SEEDS.value
+  if _QUICK.value:
+    config.quick, config.quick_overrides.data.num_tasks, seeds = True, 2, seeds[:1]
+  elif workdir is None:
+    raise app.UsageError("--workdir is required (unless --quick)")
+  with tempfile.TemporaryDirectory() as tmp:
+    runs = []
+    for seed in map(int, seeds):
+      config.seed = seed
+      runs.append(runner.run(config, Path(workdir or tmp) / f"seed_{seed}"))
+  text = section(runs, " ".join(["python -m benchmarks.continual", *sys.argv[1:]]))
   print(text)
-  print(f"appended to {_RESULTS.value}; finished {datetime.datetime.now():%Y-%m-%d %H:%M}")
+  if not _QUICK.value:
+    with open(_RESULTS.value, "a") as f:
+      f.write(f"\n{text}")
+    print(f"appended to {_RESULTS.value}")
+  print(f"finished {datetime.datetime.now():%Y-%m-%d %H:%M}")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -129,7 +129,7 @@ def share_async(params, names, loras, spec: dict, batch: int, on_batch=None):
 
 def share_outcome(name: str, family: str, sub, names, seconds: float, spec: dict) -> Outcome:
   st = sj.storage(sub)
-  params = st.basis_params + sum(st.task_params.values())
+  params = st.basis_params + sum(st.coef_params.values())
   loras = {n: sj.reconstruct(sub, n) for n in names}
   ks = sorted({int(k) for g in sub.groups.values() for k in np.asarray(g.rank).ravel()})
   return Outcome(name, family, loras, params, seconds, {**spec, "k_range": [ks[0], ks[-1]]})

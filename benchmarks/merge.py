@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 import share_jax as sj
-from share_jax import profiling
+from share_jax import diagnostics, profiling
 
 # ----------------------------------------------------------------------------- problem
 
@@ -287,10 +287,7 @@ def flops(method: str, d: int, n: int) -> float:
 def slot_stacks(sub: sj.Subspace, new: dict, shape: Shape) -> Callable[[int], np.ndarray]:
   """Slot i → float32 (d, T·r + r): old tasks' reconstructions β ε_t, then the new columns."""
   t = sub.num_tasks
-  new_cols = {  # the LoRA's factor columns: a (d_in, r) and (b · scale)ᵀ (d_out, r)
-    path: {"a": np.asarray(lo.a, np.float32), "b": np.asarray(lo.b * lo.scale, np.float32).T}
-    for path, lo in sj.lora_leaves(new).items()
-  }
+  new_cols = {path: diagnostics.lora_columns(lo) for path, lo in sj.lora_leaves(new).items()}
   slots = list(sub.layout.slots.items())
   host = {g: tuple(map(np.asarray, (v.basis, v.coef, v.rank))) for g, v in sub.groups.items()}
 
@@ -300,7 +297,7 @@ def slot_stacks(sub: sj.Subspace, new: dict, shape: Shape) -> Callable[[int], np
     kk = int(rank[row])
     c = coef[:t, row, :kk, : shape.r]  # (T, k, r): every task here has rank r
     old = basis[row, :, :kk] @ c.transpose(1, 0, 2).reshape(kk, t * shape.r)
-    return np.concatenate([old, new_cols[path][side]], axis=1)
+    return np.concatenate([old, new_cols[path][side].astype(np.float32)], axis=1)
 
   return get
 

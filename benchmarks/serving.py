@@ -3,6 +3,7 @@ of the same size and against a loop that applies ``task_params`` per task.
 
     python -m benchmarks.serving            # MiniLM-L6 (tiny BERT if missing)
     python -m benchmarks.serving --write    # also update benchmarks/RESULTS.md
+    python -m benchmarks.serving --quick    # smoke test: tiny BERT, 8 tasks, nothing written
 
 Every task is a random rank-``r`` LoRA on the query and value kernels, all merged into one
 subspace with k columns per side. Times are medians of ``--repeats`` interleaved runs after a
@@ -12,12 +13,8 @@ warm-up.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -25,10 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import share_jax as sj
-from benchmarks.results_file import write_section
+from benchmarks.results_file import report
 from share_jax.experiments.models import BertEncoder, load_bert_params, minilm_path, tiny_config
-from share_jax.lora import select_kernels
-from share_jax.paths import nest
+from share_jax.experiments.synthetic import random_loras
 from share_jax.serving import mixed_task_apply
 
 HEADING = "## Mixed-task serving (issue 5)"
@@ -44,23 +40,6 @@ def backbone(name: str):
       pass
   model, ids = BertEncoder(tiny_config()), jnp.zeros((1, 8), jnp.int32)
   return "tiny BERT (2 layers, H=32)", model, jax.jit(model.init)(jax.random.key(0), ids, ids)
-
-
-def random_loras(params, target: str, n: int, rank: int, seed: int) -> list[dict]:
-  rng = np.random.default_rng(seed)
-  kernels = select_kernels(params, target)
-  return [
-    nest(
-      {
-        path: sj.LoRA(
-          jnp.asarray(rng.normal(size=(w.shape[0], rank)) / np.sqrt(w.shape[0]), jnp.float32),
-          jnp.asarray(rng.normal(size=(rank, w.shape[1])) / np.sqrt(rank), jnp.float32),
-        )
-        for path, w in kernels.items()
-      }
-    )
-    for _ in range(n)
-  ]
 
 
 def median_times(variants: dict, repeats: int) -> dict[str, float]:
@@ -86,10 +65,15 @@ def main() -> None:
   ap.add_argument("--target", default=r"attention/(query|value)/kernel$")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--write", action="store_true", help=f"write {HEADING!r} into RESULTS.md")
+  ap.add_argument("--quick", action="store_true", help="smoke test: tiny BERT, small shapes")
   args = ap.parse_args()
+  if args.quick:
+    if args.write:
+      ap.error("--quick results are not recorded: drop --write")
+    args.model, args.tasks, args.seq, args.rank, args.k, args.repeats = "tiny", 8, 8, 2, 4, 2
 
   name, model, params = backbone(args.model)
-  loras = random_loras(params, args.target, args.tasks, args.rank, seed=0)
+  loras = random_loras(params, args.target, args.tasks, rank=args.rank, seed=0)
   sub = sj.init_subspace(params, loras, k=args.k)
   b = args.tasks
   rng = np.random.default_rng(1)
@@ -117,16 +101,10 @@ def main() -> None:
   times = median_times(variants, args.repeats)
   base = times["single task, ΔW merged (plain forward)"]
   rows = [f"| {v} | {t * 1e3:.1f} | {b / t:.1f} | {base / t:.2f}× |" for v, t in times.items()]
-  device = jax.devices()[0]
-  text = "\n".join(
+  report(
+    HEADING,
+    "benchmarks.serving",
     [
-      HEADING,
-      "",
-      f"`{' '.join(['python -m benchmarks.serving', *sys.argv[1:]])}` — "
-      f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()}-core "
-      f"{device.platform.upper()} ({device.device_kind}), jax {jax.__version__}, "
-      f"load average {os.getloadavg()[0]:.1f} (shared machine).",
-      "",
       f"{name}; {len(sub.layout.kernels)} adapted kernels (`{args.target}`), {b} tasks "
       f"(LoRA rank {args.rank}) in one subspace with k = {args.k}; batch of {b} examples × "
       f"{args.seq} tokens. Median of {args.repeats} interleaved runs after a warm-up.",
@@ -137,12 +115,10 @@ def main() -> None:
       "",
       f"Mixed batch vs the per-task loop: max |Δ| = {err:.1e}. Mixed / single-task throughput: "
       f"**{base / times[f'mixed, {b} tasks, factored path']:.2f}×** (target ≥ 0.8×).",
-      "",
-    ]
+    ],
+    write=args.write,
+    note=" (shared machine)",
   )
-  print(text)
-  if args.write:
-    write_section(HEADING, text)
 
 
 if __name__ == "__main__":

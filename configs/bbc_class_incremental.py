@@ -11,11 +11,10 @@ per-task head solves trivially, so this config uses 2 + 3 classes. Frozen all-Mi
 from share_jax.experiments.config import default_config
 
 
-def get_config(arg=None):
+def get_config():
   config = default_config()
   config.data.name = "bbc_class_incremental"
   config.data.splits = (("business", "tech"), ("politics", "entertainment", "sports"))
   config.backbone = {"name": "minilm", "max_len": 48, "frozen_layers": 3}
   config.quick_overrides.backbone = {"name": "tiny_bert", "max_len": 16, "frozen_layers": 0}
-  config.quick = arg == "quick"
   return config

@@ -8,8 +8,8 @@ The test split is each task's dev.tsv (GLUE's test labels are hidden).
       --config.data_dir=/data/glue_data --config.model_dir=/models/roberta-base
 
 Share and LoRA adapt every layer's attention query/value (rank 8, k ≤ 32 as in the official
-code). ``data.max_train`` / ``data.max_test`` cap each task's examples (0 = all); ``quick=True``
-caps them at 16 and trains one epoch, for smoke tests on tiny folders.
+code). ``data.max_train`` / ``data.max_test`` cap each task's examples (0 = all);
+``--config.quick=True`` caps them at 16 and trains one epoch, for smoke tests on tiny folders.
 """
 
 from ml_collections.config_dict import placeholder
@@ -18,7 +18,7 @@ from share_jax.experiments.config import default_config
 from share_jax.experiments.glue import PAPER_SEQUENCE
 
 
-def get_config(arg=None):
+def get_config():
   config = default_config()
   config.data_dir = placeholder(str)  # the GLUE folder: CoLA/, MRPC/, RTE/, STS-B/, QNLI/, SST-2/
   config.data.name = "glue"
@@ -32,5 +32,4 @@ def get_config(arg=None):
   config.quick_overrides.data = {"max_train": 16, "max_test": 16, "num_tasks": 0}
   config.quick_overrides.train = {"batch_size": 8, "eval_batch_size": 16, "epochs": 1}
   config.quick_overrides.backbone = {"max_len": 24}
-  config.quick = arg == "quick"
   return config

@@ -12,12 +12,11 @@ import os
 from share_jax.experiments.config import default_config
 
 
-def get_config(arg=None):
+def get_config():
   config = default_config()
   config.data.name = "split_fashion_mnist"
   config.data.n_train_per_class = 200
   config.data.n_test_per_class = 100
   config.backbone = {"name": "vit", "cache_dir": os.path.expanduser("~/.cache/share_jax/vit")}
   config.quick_overrides.backbone = {"quick": True}
-  config.quick = arg == "quick"
   return config

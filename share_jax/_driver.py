@@ -1,5 +1,6 @@
-"""The merge driver: plans capacities (power-of-two buckets of tasks, columns and k) and calls the
-jitted per-group merge, growing k and merging again when the rule wants more columns."""
+"""The merge driver: plans capacities (power-of-two buckets of tasks, columns and k), calls the
+jitted per-group merge (growing k and merging again when the rule wants more columns) and keeps
+each task's fidelity record (``share_jax.fidelity``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
+from share_jax import fidelity
+from share_jax._profiling import call_kernel, phase
 from share_jax.merge import Rule, merge_group
-from share_jax.profiling import call_kernel, phase
-from share_jax.subspace import FactorGroup, Subspace, SubspaceConfig
+from share_jax.subspace import FactorGroup, Subspace, SubspaceConfig, TaskTable, id_code
 
 _MIN_K = 8
 
@@ -29,6 +32,15 @@ def _grow(group: FactorGroup, t_cap: int, p_cap: int) -> FactorGroup:
   return group.replace(coef=coef, ncols=jnp.pad(group.ncols, ((0, t_cap - t), (0, 0))))
 
 
+def _budget(tasks: TaskTable, norm2: jnp.ndarray, config: SubspaceConfig) -> jnp.ndarray:
+  """Each task's squared error budget for this merge, relative to its current ‖ΔW‖² (T,)."""
+  kind, tau = config.rule
+  if kind != "max_task_error":
+    return jnp.zeros_like(norm2)
+  room = jnp.maximum(tau * tasks.norm - tasks.error, 0.0)
+  return jnp.where(norm2 > 0, room**2 / jnp.where(norm2 > 0, norm2, 1.0), 0.0)
+
+
 @phase("merge")
 def merge_columns(
   subspace: Subspace,
@@ -39,27 +51,52 @@ def merge_columns(
   """Fold new tasks, given as factor columns ``{group: (x (m, L, d, p), ncols (m, L))}``, into the
   bases; every stored task is re-projected. Callers validate ids and shapes."""
   config = config or subspace.config
+  layout = subspace.layout
   t0, m = subspace.num_tasks, len(task_ids)
   m_cap = bucket(m)
   _, t_cur, p_cur = next(iter(subspace.groups.values())).capacity
   p_new = max(x.shape[-1] for x, _ in columns.values())
   t_cap, p_cap = max(t_cur, bucket(t0 + m_cap)), max(p_cur, bucket(p_new))
   start = jnp.asarray(t0, jnp.int32)
-  groups = {}
+  grown, new = {}, {}
   for g, group in subspace.groups.items():
-    d, _ = subspace.layout.groups[g]
-    rule = Rule(float(config.explained_variance), config.k, config.limit(d), config.center)
-    group = _grow(group, t_cap, p_cap)
+    grown[g] = _grow(group, t_cap, p_cap)
     x, ncols = columns[g]
     x = jnp.pad(
       jnp.asarray(x, jnp.float32), ((0, m_cap - m), (0, 0), (0, 0), (0, p_cap - x.shape[-1]))
     )
-    ncols = jnp.pad(jnp.asarray(ncols, jnp.int32), ((0, m_cap - m), (0, 0)))
-    k_out = rule.limit if config.k is not None else max(group.capacity[0], min(rule.limit, _MIN_K))
-    merged, want = call_kernel(merge_group, group, x, ncols, start, k_out=k_out, rule=rule)
+    new[g] = (x, jnp.pad(jnp.asarray(ncols, jnp.int32), ((0, m_cap - m), (0, 0))))
+  full, partner, norm2 = fidelity.before_merge(
+    {g: grp.coef for g, grp in grown.items()}, {g: x for g, (x, _) in new.items()}, start, layout
+  )
+  is_new = (np.arange(t_cap) >= t0) & (np.arange(t_cap) < t0 + m)
+  tasks = subspace.tasks.grow(t_cap)
+  tasks = tasks.replace(
+    code=tasks.code.at[t0 : t0 + m].set(np.asarray([id_code(t) for t in task_ids], np.int32)),
+    norm=jnp.where(is_new, jnp.sqrt(norm2), tasks.norm),
+    error=jnp.where(is_new, 0.0, tasks.error),
+  )
+  beta = _budget(tasks, norm2, config)
+  groups, res = {}, {}
+  for g, group in grown.items():
+    d, _ = layout.groups[g]
+    kind, value = config.rule
+    rule = Rule(kind, float(value), config.limit(d), config.center)
+    x, ncols = new[g]
+    k_out = rule.limit if kind == "k" else max(group.capacity[0], min(rule.limit, _MIN_K))
+    merged, want, res[g] = call_kernel(
+      merge_group, group, x, ncols, start, partner[g], beta, k_out=k_out, rule=rule
+    )
     need = int(jnp.max(want))
     if need > k_out:
       k_out = min(rule.limit, bucket(need))
-      merged, _ = call_kernel(merge_group, group, x, ncols, start, k_out=k_out, rule=rule)
+      merged, _, res[g] = call_kernel(
+        merge_group, group, x, ncols, start, partner[g], beta, k_out=k_out, rule=rule
+      )
     groups[g] = merged
-  return subspace.with_tasks(groups, task_ids, config)
+  loss = jnp.sqrt(fidelity.projection_loss2(full, res, layout))
+  error = fidelity.next_bound(tasks, loss, fidelity.stored_norms(groups, layout))
+  tasks = tasks.replace(error=jnp.where(is_new, loss, error))
+  out = subspace.replace(groups=groups, tasks=tasks, config=config)
+  fidelity.check_threshold(out)
+  return out

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from share_jax._profiling import phase
 from share_jax.lora import LoRA
-from share_jax.profiling import phase
 from share_jax.subspace import Layout
 
 
-def factor_columns(lora: LoRA) -> dict[str, np.ndarray]:
-  """Side ``a``: a (d_in, r); side ``b``: (b · scale)ᵀ (d_out, r), as float32 host arrays."""
-  a = np.asarray(lora.a, np.float32)
-  b = np.asarray(lora.b, np.float32) * np.float32(lora.scale)
+def factor_columns(lora: LoRA, dtype: type = np.float32) -> dict[str, np.ndarray]:
+  """Side ``a``: a (d_in, r); side ``b``: (b · scale)ᵀ (d_out, r), as ``dtype`` host arrays."""
+  a = np.asarray(lora.a, dtype)
+  b = np.asarray(lora.b, dtype) * dtype(lora.scale)
   return {"a": a, "b": b.T}
 
 

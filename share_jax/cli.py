@@ -4,6 +4,7 @@ subspace checkpoints, PEFT adapters out. Every error exits non-zero with one lin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -17,12 +18,13 @@ import numpy as np
 from share_jax import diagnostics
 from share_jax.checkpoint import Checkpointer, CheckpointError, digest
 from share_jax.errors import ShareError
+from share_jax.fidelity import task_errors
 from share_jax.ingest import absorb, init_subspace
 from share_jax.lora import lora_leaves
 from share_jax.paths import nest
-from share_jax.peft_io import SCHEMES, PeftAdapter, export_task, read_adapter
+from share_jax.peft_io import SCHEMES, AdapterMeta, PeftAdapter, export_task, read_adapter
 from share_jax.storage import storage
-from share_jax.subspace import Subspace
+from share_jax.subspace import Subspace, SubspaceConfig
 
 RUNNER = "share_jax.experiments.run"
 
@@ -63,12 +65,19 @@ def _task_ids(args, dirs: Sequence[str]) -> list[str]:
   return ids
 
 
-def _k_options(args) -> dict:
-  return {
-    n: v
-    for n, v in (("k", args.k), ("explained_variance", args.explained_variance))
-    if v is not None
-  }
+_CONFIG_FLAGS = ("k", "explained_variance", "max_task_error", "max_k", "center", "strict")
+
+
+def _config_options(args) -> dict:
+  """The ``SubspaceConfig`` fields given on the command line (the one flag → config mapping)."""
+  return {n: getattr(args, n) for n in _CONFIG_FLAGS if getattr(args, n, None) is not None}
+
+
+def _fidelity_line(subspace: Subspace) -> str:
+  errors = task_errors(subspace)
+  worst = max(errors, key=errors.get)
+  mean = float(np.mean(list(errors.values())))
+  return f"worst task ΔW error {errors[worst]:.3g} (task {worst!r}), mean {mean:.3g}"
 
 
 def _save(ckpt: Checkpointer, subspace: Subspace, ids: Sequence[str], adapters: list) -> int:
@@ -107,14 +116,12 @@ def cmd_init(args) -> int:
     ids = _task_ids(args, args.adapters)
     adapters = _read(args.adapters, args.scheme)
     first = lora_leaves(adapters[0].lora)
-    params = _kernel_params(
-      {p: ((x.a.shape[0], x.b.shape[1]), "float32") for p, x in first.items()}
-    )
+    params = _kernel_params({p: (adapters[0].shapes[p], "float32") for p in first})
     subspace = init_subspace(
-      params, [a.lora for a in adapters], task_ids=ids, max_k=args.max_k, **_k_options(args)
+      params, [a.lora for a in adapters], task_ids=ids, **_config_options(args)
     )
     version = _save(ckpt, subspace, ids, adapters)
-  print(f"{args.out}: version {version}, {len(ids)} tasks {ids}")
+  print(f"{args.out}: version {version}, {len(ids)} tasks {ids}; {_fidelity_line(subspace)}")
   return 0
 
 
@@ -122,17 +129,19 @@ def cmd_absorb(args) -> int:
   with _existing(args.ckpt) as ckpt:
     meta = ckpt.metadata()
     subspace = ckpt.restore()
-    schemes = [m["peft"]["scheme"] for m in meta["task_meta"] if m and m.get("peft")]
+    peft = [AdapterMeta.parse(meta.meta_of(t), f"task {t!r}") for t in meta.task_ids]
+    schemes = [m.scheme for m in peft if m is not None]
     scheme = args.scheme or (schemes[0] if schemes else "hf_flax")
     ids = _task_ids(args, args.adapters)
-    adapters = _read(
-      args.adapters,
-      scheme,
-      _kernel_params({s.path: (s.shape, s.dtype) for s in subspace.layout.kernels}),
-    )
-    subspace = absorb(subspace, [a.lora for a in adapters], task_ids=ids, **_k_options(args))
+    # kernels and shapes are checked against the subspace's layout by absorb (which names a
+    # different set of kernels as such), not against a stand-in holding only the adapted ones
+    adapters = _read(args.adapters, scheme)
+    subspace = absorb(subspace, [a.lora for a in adapters], task_ids=ids, **_config_options(args))
     version = _save(ckpt, subspace, ids, adapters)
-  print(f"{args.ckpt}: version {version}, {subspace.num_tasks} tasks (added {ids})")
+  print(
+    f"{args.ckpt}: version {version}, {subspace.num_tasks} tasks (added {ids}); "
+    + _fidelity_line(subspace)
+  )
   return 0
 
 
@@ -145,7 +154,7 @@ def cmd_export(args) -> int:
     subspace,
     task,
     args.out,
-    meta=meta["task_meta"][subspace.task_index(task)],
+    meta=meta.meta_of(task),
     scheme=args.scheme,
     prefix=args.prefix,
     head_module=args.head_module,
@@ -160,12 +169,12 @@ def _info(ckpt: Checkpointer, version: int | None) -> dict:
   subspace = ckpt.restore(version)
   return {
     "version": version,
-    "library_version": meta["library_version"],
-    "saved_at": meta["saved_at"],
-    "tasks": meta["task_ids"],
-    "config": meta["config"],
-    "base": digest(meta["base"]) if meta["base"] else None,
-    "ranks": meta["ranks"],
+    "library_version": meta.library_version,
+    "saved_at": meta.saved_at,
+    "tasks": list(meta.task_ids),
+    "config": dataclasses.asdict(meta.config),
+    "base": digest(meta.base) if meta.base else None,
+    "ranks": [dataclasses.asdict(r) for r in meta.ranks],
     "storage": storage(subspace).summary(),
   }
 
@@ -200,13 +209,22 @@ def cmd_info(args) -> int:
     print(json.dumps(info, indent=2))
     return 0
   s, c = info["storage"], info["config"]
-  rule = f"k={c['k']}" if c["k"] is not None else f"explained variance {c['explained_variance']}"
+  rule, value = SubspaceConfig(**c).rule
   print(f"version {info['version']} (share_jax {info['library_version']}, {info['saved_at']})")
   print(f"base model: {info['base'] or 'unknown (built from adapters)'}")
   print(f"tasks ({len(info['tasks'])}, in learning order): {info['tasks']}")
-  print(f"k rule: {rule}, max_k={c['max_k']}, centred={c['center']}")
+  print(
+    f"k rule: {rule}={value}, max_k={c['max_k']}, centred={c['center']}, "
+    f"max_task_error={c.get('max_task_error')}"
+  )
   for r in info["ranks"]:
     print(f"  {r['path']} [{r['side']}]: k={r['k']}, energy kept {r['energy']:.3f}")
+  print(
+    f"task ΔW error (relative, upper bound): worst {s['worst_task_error']:.3g}, "
+    f"mean {s['mean_task_error']:.3g}"
+  )
+  for t, e in s["task_errors"].items():
+    print(f"  {t}: {e:.3g}")
   print(
     f"storage: {s['share_bytes']:,} bytes (bases {s['basis_params']:,} params) vs "
     f"{s['lora_bytes']:,} bytes as LoRAs; per task {s['ratio_per_task']:.1f}x smaller, "
@@ -223,10 +241,12 @@ def cmd_versions(args) -> int:
   for v in versions:
     try:
       meta = ckpt.metadata(v)
-      line = f"{len(meta['task_ids'])} tasks\t{meta['saved_at']}"
+      line = f"{len(meta.task_ids)} tasks\t{meta.saved_at}"
     except CheckpointError as e:
       line = f"unreadable: {e}"
     print(f"{v}\t{line}" + ("  (latest)" if v == versions[-1] else ""))
+  for name in ckpt.strays():
+    print(f"{name}\tignored: a numbered entry that is not a complete version")
   return 0
 
 
@@ -268,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--k", type=int, help="keep exactly K basis columns per kernel side")
     g.add_argument("--explained-variance", type=float, metavar="EV", help="energy to keep (0, 1]")
+    p.add_argument(
+      "--max-task-error",
+      type=float,
+      metavar="TAU",
+      help="smallest k keeping every task's relative ΔW error <= TAU; with --k or "
+      "--explained-variance, a threshold that warns when crossed",
+    )
+    p.add_argument("--strict", action="store_true", default=None, help="fail instead of warning")
+    p.add_argument(
+      "--center",
+      action=argparse.BooleanOptionalAction,
+      default=None,
+      help="bases from the mean-centred stack plus the mean direction (default) or uncentred",
+    )
+    p.add_argument("--max-k", type=int, help="cap on k per kernel side")
 
   def adapters(p: argparse.ArgumentParser, scheme_default: str | None) -> None:
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT LoRA adapter dirs")
@@ -284,7 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
   adapters(p, "hf_flax")
   p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint directory to create")
   k_rule(p)
-  p.add_argument("--max-k", type=int, help="cap on k per kernel side")
   p.add_argument("--max-to-keep", type=int, help="keep only the newest N versions")
 
   p = verb("absorb", cmd_absorb, "fold PEFT LoRA adapters into a checkpoint (a new version)")

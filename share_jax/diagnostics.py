@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from share_jax._factors import factor_columns
 from share_jax._validation import as_tasks
 from share_jax.apply import reconstruct
 from share_jax.errors import ShareError
@@ -41,9 +42,7 @@ MEASURES = ("cka", "angles")
 
 def lora_columns(lora: LoRA) -> dict[str, np.ndarray]:
   """A LoRA's side columns in float64: ``a`` (d_in, r) and ``b`` = (b · scale)ᵀ (d_out, r)."""
-  a = np.asarray(lora.a, np.float64)
-  b = np.asarray(lora.b, np.float64) * float(lora.scale)
-  return {"a": a, "b": b.T}
+  return factor_columns(lora, np.float64)
 
 
 def task_factors(source: Source) -> tuple[list[Hashable], list[dict[str, dict[str, np.ndarray]]]]:
@@ -206,9 +205,14 @@ def _slot_name(slot: Slot) -> str:
   return f"{slot[0]} [{slot[1]}]"
 
 
-def report(source: Source, fractions: Sequence[float] = (0.5, 0.9, 0.99)) -> dict:
-  """JSON-ready numbers: tasks, per-slot curves and the k each energy fraction needs, and both
-  similarity matrices with their mean off-diagonal value."""
+def report(
+  source: Source,
+  fractions: Sequence[float] = (0.5, 0.9, 0.99),
+  labels: Sequence[str] | None = None,
+) -> dict:
+  """JSON-ready numbers: tasks (``labels``, default the task ids as text), per-slot curves and
+  the k each energy fraction needs, and both similarity matrices with their mean off-diagonal
+  value."""
   curves = explained_variance(source)
   out: dict = {
     "curves": {_slot_name(s): [round(float(v), 6) for v in c] for s, c in curves.items()}
@@ -219,7 +223,9 @@ def report(source: Source, fractions: Sequence[float] = (0.5, 0.9, 0.99)) -> dic
   for measure in MEASURES:
     ids, sim = task_similarity(source, measure)
     off = sim[~np.eye(len(ids), dtype=bool)]
-    out["tasks"] = [str(t) for t in ids]
+    if labels is not None and len(labels) != len(ids):
+      raise ShareError(f"{len(labels)} labels for {len(ids)} tasks")
+    out["tasks"] = [str(t) for t in (ids if labels is None else labels)]
     out[f"similarity_{measure}"] = np.round(sim, 6).tolist()
     out[f"mean_offdiagonal_{measure}"] = float(off.mean()) if off.size else None
   return out
@@ -271,12 +277,14 @@ def plot_similarity(ids: Sequence[Hashable], sim: np.ndarray, path: str | Path, 
   plt.close(fig)
 
 
-def write_report(source: Source, directory: str | Path) -> dict:
+def write_report(
+  source: Source, directory: str | Path, labels: Sequence[str] | None = None
+) -> dict:
   """``report(source)`` as ``diagnostics.json`` plus ``explained_variance.png``,
   ``similarity_cka.png`` and ``similarity_angles.png`` in ``directory``; returns the numbers."""
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  numbers = report(source)
+  numbers = report(source, labels=labels)
   plot_explained_variance(explained_variance(source), directory / "explained_variance.png")
   ids = numbers["tasks"]
   for measure, title in (("cka", "linear CKA of ΔW"), ("angles", "principal-angle cos² of spans")):

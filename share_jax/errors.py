@@ -10,3 +10,8 @@ class UnknownTaskError(ShareError, KeyError):
 
   def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
     return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(ShareError):
+  """A checkpoint that is missing, corrupted, locked, of an unknown format or of another base
+  model, or a version that could not be written."""

@@ -18,7 +18,8 @@ from share_jax._validation import (
   kernel_spec,
   layout_from_params,
 )
-from share_jax.lora import select_kernels
+from share_jax.errors import ShareError
+from share_jax.lora import select_kernels, selects
 from share_jax.paths import Target
 from share_jax.subspace import FactorGroup, Layout, Subspace, SubspaceConfig
 
@@ -29,22 +30,45 @@ def _empty_like(layout: Layout, config: SubspaceConfig, task_capacity: int = 1) 
   return Subspace.create(groups, layout, (), config)
 
 
+def resolve_config(base: SubspaceConfig | None, **options) -> SubspaceConfig:
+  """``base`` (default ``SubspaceConfig()``) with the keyword options that are not None; a k rule
+  given as a keyword displaces the base's rule (``SubspaceConfig.with_options``)."""
+  if base is not None and not isinstance(base, SubspaceConfig):
+    raise ShareError(f"config must be a SubspaceConfig, got {type(base).__name__}")
+  return (base or SubspaceConfig()).with_options(**options)
+
+
 def empty_subspace(
   params: Any,
   target: Target,
   *,
-  k: int | None = None,
-  explained_variance: float = 0.6,
-  max_k: int | None = None,
-  center: bool = True,
+  config: SubspaceConfig | None = None,
   task_capacity: int = 1,
+  transposed: Target | None = None,
+  **options,
 ) -> Subspace:
   """A subspace with no task yet over the kernels ``target`` selects (a regex on the joined key
-  path, or a predicate): the cold start, where the first task trains from its data directly."""
-  config = SubspaceConfig(explained_variance, k, max_k, center)
+  path, or a predicate): the cold start, where the first task trains from its data directly.
+
+  ``config`` (a ``SubspaceConfig``) and/or its fields as keywords (``k``, ``explained_variance``,
+  ``max_task_error``, ``max_k``, ``center``, ``strict``) set how k is chosen at each merge.
+  Convolution kernels adapt as (∏ window · c_in, c_out); ``transposed`` selects the kernels
+  stored (d_out, d_in) (HF Flax GPT-2's Conv1D).
+  """
+  config = resolve_config(config, **_options(options))
   kernels = select_kernels(params, target)
-  specs = tuple(kernel_spec(p, w) for p, w in sorted(kernels.items()))
+  specs = tuple(kernel_spec(p, w, selects(transposed, p, w)) for p, w in sorted(kernels.items()))
   return _empty_like(Layout(specs), config, task_capacity)
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(SubspaceConfig))
+
+
+def _options(options: dict) -> dict:
+  unknown = sorted(options.keys() - _FIELDS)
+  if unknown:
+    raise ShareError(f"unknown options {unknown}; SubspaceConfig fields are {sorted(_FIELDS)}")
+  return options
 
 
 def _empty_group(d: int, n: int, t_cap: int) -> FactorGroup:
@@ -71,25 +95,25 @@ def init_subspace(
   params: Any,
   loras: LoRAs,
   *,
-  k: int | None = None,
-  explained_variance: float = 0.6,
-  max_k: int | None = None,
-  center: bool = True,
+  config: SubspaceConfig | None = None,
   task_ids: Sequence[Hashable] | None = None,
   task_capacity: int = 1,
+  **options,
 ) -> Subspace:
-  """A subspace from existing LoRAs: per kernel and side, the top singular vectors of the
-  (mean-centred) stack of all factors, and every task projected onto them.
+  """A subspace from existing LoRAs: per kernel and side, the bases chosen from the stack of all
+  factors (``share_jax.merge``), and every task projected onto them.
 
   Args:
     params: the frozen model's parameter pytree (it fixes paths, shapes and dtypes).
     loras: LoRA trees (a sequence, or a mapping task id → tree); ranks may differ.
-    k: keep exactly k columns per side (capped by ``max_k`` and d); else ``explained_variance``.
+    config: a ``SubspaceConfig``; its fields may also be given as keywords (``k``,
+      ``explained_variance``, ``max_task_error``, ``max_k``, ``center``, ``strict``), which
+      override it.
     task_ids: ids for a sequence of trees (default 0, 1, …).
     task_capacity: tasks to reserve room for; merges recompile only when the task count passes a
       power of two above it.
   """
-  config = SubspaceConfig(explained_variance, k, max_k, center)
+  config = resolve_config(config, **_options(options))
   if task_ids is None and not isinstance(loras, Mapping):
     task_ids = list(range(len(loras)))
   tasks = as_tasks(loras, task_ids)
@@ -103,21 +127,14 @@ def absorb(
   loras: LoRAs,
   *,
   task_ids: Sequence[Hashable] | None = None,
-  explained_variance: float | None = None,
-  k: int | None = None,
-  max_k: int | None = None,
+  config: SubspaceConfig | None = None,
+  **options,
 ) -> Subspace:
   """Fold new LoRAs (one or a batch) into the shared bases: k is re-chosen and every existing
-  task is re-projected. Options left ``None`` keep the subspace's config."""
+  task is re-projected. ``config`` replaces the subspace's config; keyword options (fields of
+  ``SubspaceConfig``) override single fields of it."""
+  config = resolve_config(config or subspace.config, **_options(options))
   tasks = as_tasks(loras, task_ids)
   check_new_task_ids(subspace, [t for t, _ in tasks])
   check_tasks(subspace.layout, tasks)
-  config = subspace.config
-  changes = {
-    n: v
-    for n, v in (("explained_variance", explained_variance), ("k", k), ("max_k", max_k))
-    if v is not None
-  }
-  if changes:
-    config = dataclasses.replace(config, **changes)
   return _merge(subspace, tasks, config)

@@ -3,7 +3,10 @@ from LoRA trees at Flax kernel paths.
 
 PEFT stores, per torch module ``m``, ``base_model.model.<m>.lora_A.weight`` (r, in) and
 ``lora_B.weight`` (out, r) with ΔW_torch = B A · lora_alpha / r (/ √r with ``use_rslora``). The
-Flax kernel (in, out) gets ΔW = a b with a = Aᵀ, b = Bᵀ · scale. Module names become Flax paths
+Flax kernel (in, out) gets ΔW = a b with a = Aᵀ, b = Bᵀ · scale. A Conv2d LoRA (lora_A (r, c_in,
+kh, kw), lora_B (c_out, r, 1, 1)) adapts the Flax kernel (kh, kw, c_in, c_out) as the matrix
+(kh·kw·c_in, c_out); with ``fan_in_fan_out`` (GPT-2's Conv1D) the Flax kernel is stored (out, in)
+(HF FlaxGPT2) and the LoRA is ``transposed``. Module names become Flax paths
 through a named ``Scheme``; ``modules_to_save`` tensors become heads in Flax layout (Linear
 ``weight`` (out, in) → ``kernel`` (in, out), 1-D ``weight`` → ``scale``, ``bias``).
 """
@@ -20,10 +23,12 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import safetensors.flax
 import safetensors.numpy
 
+from share_jax import _patterns
 from share_jax.apply import reconstruct
 from share_jax.errors import ShareError
 from share_jax.lora import LoRA, lora_leaves
@@ -36,7 +41,6 @@ PREFIX = "base_model.model."
 # Config keys whose truthy value changes what the weights mean: never imported silently.
 UNSUPPORTED = (
   "use_dora",
-  "fan_in_fan_out",
   "lora_bias",
   "use_qalora",
   "use_bdlora",
@@ -119,12 +123,12 @@ _BERT_MLP = (
 SCHEMES = {
   # HF Flax models (FlaxBert/Roberta/ViT/Llama/Mistral…) name params like the torch modules.
   "hf_flax": Scheme("hf_flax", (("{path}", "{path}"),)),
-  # share_jax.models.bert from HF BERT/RoBERTa torch names.
+  # share_jax.experiments.models.bert from HF BERT/RoBERTa torch names.
   "share_bert": Scheme(
     "share_bert",
     (("{prefix}encoder.layer.{i}.attention.self.{qkv}", "layer_{i}/attention/{qkv}"), *_BERT_MLP),
   ),
-  # share_jax.models.vit from HF ViT torch names.
+  # share_jax.experiments.models.vit from HF ViT torch names.
   "share_vit": Scheme(
     "share_vit",
     (
@@ -146,18 +150,18 @@ def get_scheme(scheme: str | Scheme) -> Scheme:
 # ----------------------------------------------------------------------------- config
 
 
-def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+def _pattern_value(config: Mapping[str, Any], name: str, module: str, default: Any) -> Any:
   """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key matching the end of
-  ``module`` (``re.match(rf"(.*\\.)?({key})$", module)``), else ``default``."""
-  for key, value in (patterns or {}).items():
-    if re.match(rf"(.*\.)?({key})$", module):
+  ``module`` (``re.match(rf"(.*\\.)?({key})$", module)``, with bounded work), else ``default``."""
+  for key, value in (config.get(name) or {}).items():
+    if _patterns.suffix_match(key, module, name):
       return value
   return default
 
 
 def _module_scale(config: Mapping[str, Any], module: str, rank: int) -> float:
   """ΔW = B A · this, for one module of rank ``rank``."""
-  alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+  alpha = _pattern_value(config, "alpha_pattern", module, config["lora_alpha"])
   return float(alpha) / (float(np.sqrt(rank)) if config.get("use_rslora") else rank)
 
 
@@ -177,8 +181,23 @@ def _check_config(config: Mapping[str, Any], where: Any) -> None:
       "convert the adapter with PEFT's path_initial_model_for_weight_conversion first"
     )
   for key in ("r", "lora_alpha"):
-    if not isinstance(config.get(key), int | float) or config[key] <= 0:
+    if not _positive(config.get(key)):
       raise ShareError(f"{where}: {key} must be a positive number, got {config.get(key)!r}")
+  for name in ("rank_pattern", "alpha_pattern"):
+    patterns = config.get(name) or {}
+    if not isinstance(patterns, dict):
+      raise ShareError(f"{where}: {name} must be an object, got {patterns!r}")
+    for key, value in patterns.items():
+      _patterns.checked(key, f"{where}: {name}")
+      if not _positive(value):
+        raise ShareError(f"{where}: {name}[{key!r}] must be a positive number, got {value!r}")
+  for name in ("target_modules", "exclude_modules"):
+    if isinstance(config.get(name), str):
+      _patterns.checked(config[name], f"{where}: {name}")
+
+
+def _positive(x: Any) -> bool:
+  return isinstance(x, int | float) and not isinstance(x, bool) and 0 < x < float("inf")
 
 
 def _saved_by(module: str, modules_to_save: list[str] | None) -> bool:
@@ -190,11 +209,44 @@ def _targets(module: str, target_modules: list[str] | str | None) -> bool:
   """PEFT's ``target_modules``/``exclude_modules`` match: a regex string (full match) or name
   suffixes."""
   if isinstance(target_modules, str):
-    return re.fullmatch(target_modules, module) is not None
+    return _patterns.fullmatch(target_modules, module, "target_modules")
   return any(module == t or module.endswith(f".{t}") for t in target_modules or ())
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterMeta:
+  """A task's PEFT provenance, as stored in checkpoint ``task_meta`` under ``"peft"``: what
+  ``export_task`` needs to write it back (scheme, Flax path → module name, adapter_config)."""
+
+  scheme: str
+  config: Mapping[str, Any]
+  modules: Mapping[str, str]
+
+  def to_json(self) -> dict:
+    return {
+      "peft": {"scheme": self.scheme, "config": dict(self.config), "modules": dict(self.modules)}
+    }
+
+  @classmethod
+  def parse(cls, task_meta: Any, where: str = "task metadata") -> AdapterMeta | None:
+    """The record in one task's metadata, ``None`` when it has no ``"peft"`` entry."""
+    if not isinstance(task_meta, Mapping) or task_meta.get("peft") is None:
+      return None
+    peft = task_meta["peft"]
+    ok = (
+      isinstance(peft, Mapping)
+      and sorted(peft) == ["config", "modules", "scheme"]
+      and isinstance(peft["scheme"], str)
+      and isinstance(peft["config"], Mapping)
+      and isinstance(peft["modules"], Mapping)
+      and all(isinstance(k, str) and isinstance(v, str) for k, v in peft["modules"].items())
+    )
+    if not ok:
+      raise ShareError(f"{where}: 'peft' is not {{scheme, config, modules}}: {peft!r:.200}")
+    return cls(peft["scheme"], dict(peft["config"]), dict(peft["modules"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +255,8 @@ class PeftAdapter:
 
   ``lora``: LoRA tree at Flax kernel paths, a (in, r), b (r, out) with the scale folded in;
   ``heads``: ``modules_to_save`` params in Flax layout; ``config``: the adapter_config.json;
-  ``modules``: ``{Flax kernel path: PEFT module name}``; ``scheme``: the scheme's name.
+  ``modules``: ``{Flax kernel path: PEFT module name}``; ``scheme``: the scheme's name;
+  ``shapes``: ``{Flax kernel path: the kernel shape the factors imply}``.
   """
 
   lora: dict
@@ -211,10 +264,15 @@ class PeftAdapter:
   config: dict
   modules: dict[str, str]
   scheme: str
+  shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def meta(self) -> AdapterMeta:
+    return AdapterMeta(self.scheme, self.config, self.modules)
 
   def task_meta(self) -> dict:
     """JSON for ``Checkpointer.save(task_meta=…)``: what ``export_task`` needs to write it back."""
-    return {"peft": {"scheme": self.scheme, "config": self.config, "modules": self.modules}}
+    return self.meta.to_json()
 
 
 def _head_param(module: str, param: str, w: np.ndarray) -> tuple[str, np.ndarray]:
@@ -244,27 +302,39 @@ def read_adapter(
       raise ShareError(f"{directory}: no {name} (a PEFT LoRA adapter directory needs both files)")
   try:
     config = json.loads((directory / CONFIG_FILE).read_text())
-    tensors = {
-      k: np.asarray(v, np.float32)
-      for k, v in safetensors.flax.load_file(directory / WEIGHTS_FILE).items()
-    }
+    tensors = safetensors.flax.load_file(directory / WEIGHTS_FILE)
   except Exception as e:  # JSON, I/O and safetensors' own error types
     raise ShareError(f"{directory}: cannot read the adapter ({e})") from None
+  odd = {k: str(v.dtype) for k, v in tensors.items() if not jnp.issubdtype(v.dtype, jnp.floating)}
+  if odd:
+    raise ShareError(f"{directory}: tensors of a non-floating-point dtype: {odd}")
+  tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
   if not isinstance(config, dict):
     raise ShareError(f"{directory / CONFIG_FILE}: not a JSON object")
   _check_config(config, directory)
   factors: dict[str, dict[str, np.ndarray]] = {}
-  head_params, unexpected = {}, []
+  head_params, unexpected, keys = {}, [], {}
   for key, w in tensors.items():
     name = key.removeprefix(PREFIX)
     lora_key, head_key = _LORA_KEY.fullmatch(name), _HEAD_KEY.fullmatch(name)
     if lora_key:
-      factors.setdefault(lora_key["module"], {})[lora_key["side"]] = w
+      slot = (lora_key["module"], lora_key["side"])
     elif head_key and _saved_by(head_key["module"], config.get("modules_to_save")):
-      path, x = _head_param(head_key["module"], head_key["param"], w)
-      head_params[path] = x
+      slot = (head_key["module"], head_key["param"])
     else:
       unexpected.append(key)
+      continue
+    if slot in keys:
+      raise ShareError(
+        f"{directory}: tensors {keys[slot]!r} and {key!r} are the same factor of module "
+        f"{slot[0]!r} (one adapter per directory, keys with or without {PREFIX!r})"
+      )
+    keys[slot] = key
+    if lora_key:
+      factors.setdefault(lora_key["module"], {})[lora_key["side"]] = w
+    else:
+      path, x = _head_param(head_key["module"], head_key["param"], w)
+      head_params[path] = x
   if unexpected:
     raise ShareError(
       f"{directory}: tensors that are neither LoRA factors nor modules_to_save: "
@@ -273,7 +343,7 @@ def read_adapter(
   if not factors:
     raise ShareError(f"{directory}: the adapter has no LoRA factors")
   kernels = flatten_with_paths(params) if params is not None else None
-  leaves, modules = {}, {}
+  leaves, modules, shapes = {}, {}, {}
   unknown = []
   for module, sides in sorted(factors.items()):
     try:
@@ -281,7 +351,7 @@ def read_adapter(
     except ShareError:
       unknown.append(module)
       continue
-    leaves[path] = _lora(directory, config, module, sides, path, kernels)
+    leaves[path], shapes[path] = _lora(directory, config, module, sides, path, kernels)
     if path in modules:
       raise ShareError(f"{directory}: modules {modules[path]!r} and {module!r} map to {path!r}")
     modules[path] = module
@@ -289,19 +359,37 @@ def read_adapter(
     raise ShareError(
       f"{directory}: PEFT modules with no Flax path in scheme {scheme.name!r}: {unknown[:6]}"
     )
-  return PeftAdapter(nest(leaves), nest(head_params), config, modules, scheme.name)
+  return PeftAdapter(nest(leaves), nest(head_params), config, modules, scheme.name, shapes)
 
 
-def _lora(directory, config, module, sides, path, kernels) -> LoRA:
+def _conv_factors(directory, module, a, b) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+  """Conv2d LoRA: lora_A (r, c_in, kh, kw), lora_B (c_out, r, 1, 1) -> A (r, kh·kw·c_in) and
+  B (c_out, r) in the Flax kernel's row order, and that kernel's shape (kh, kw, c_in, c_out)."""
+  if b.ndim != 4 or b.shape[2:] != (1, 1) or a.shape[0] != b.shape[1]:
+    raise ShareError(
+      f"{directory}: module {module!r}: Conv lora_A {a.shape} and lora_B {b.shape} are not "
+      "(r, c_in, kh, kw), (c_out, r, 1, 1)"
+    )
+  r, c_in, kh, kw = a.shape
+  return a.transpose(0, 2, 3, 1).reshape(r, -1), b[:, :, 0, 0], (kh, kw, c_in, b.shape[0])
+
+
+def _lora(directory, config, module, sides, path, kernels) -> tuple[LoRA, tuple[int, ...]]:
+  """The module's LoRA in Flax terms and the shape of the Flax kernel it adapts."""
   if set(sides) != {"A", "B"}:
     raise ShareError(f"{directory}: module {module!r} has lora_{''.join(sides)} only")
   a, b = sides["A"], sides["B"]
-  if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+  flip = bool(config.get("fan_in_fan_out")) and a.ndim == 2
+  if a.ndim == 4:
+    a, b, shape = _conv_factors(directory, module, a, b)
+  elif a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
     raise ShareError(
       f"{directory}: module {module!r}: lora_A {a.shape} and lora_B {b.shape} are not (r, in), "
       "(out, r)"
     )
-  rank = _pattern_value(config.get("rank_pattern"), module, config["r"])
+  else:
+    shape = (b.shape[0], a.shape[1]) if flip else (a.shape[1], b.shape[0])
+  rank = _pattern_value(config, "rank_pattern", module, config["r"])
   if a.shape[0] != rank:
     raise ShareError(
       f"{directory}: module {module!r} has rank {a.shape[0]} but adapter_config.json says {rank}"
@@ -309,12 +397,13 @@ def _lora(directory, config, module, sides, path, kernels) -> LoRA:
   if kernels is not None:
     if path not in kernels:
       raise ShareError(f"{directory}: module {module!r} maps to {path!r}, not in the base params")
-    if tuple(np.shape(kernels[path])) != (a.shape[1], b.shape[0]):
+    if tuple(np.shape(kernels[path])) != shape:
       raise ShareError(
         f"{directory}: module {module!r} maps {a.shape[1]} -> {b.shape[0]} but the base kernel "
-        f"{path!r} is {tuple(np.shape(kernels[path]))}"
+        f"{path!r} is {tuple(np.shape(kernels[path]))} (the factors imply {shape})"
       )
-  return LoRA(a.T, b.T * np.float32(_module_scale(config, module, rank)))
+  lora = LoRA(a.T, b.T * np.float32(_module_scale(config, module, rank)), transposed=flip)
+  return lora, shape
 
 
 # ----------------------------------------------------------------------------- writing
@@ -350,8 +439,13 @@ def write_adapter(
   modules: Mapping[str, str] | None = None,
   heads: Any = None,
   prefix: str = "",
+  kernel_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict:
   """Write a LoRA tree (and heads in Flax layout) as a PEFT adapter directory; returns the config.
+
+  ``kernel_shapes`` gives the Flax shape of convolution kernels (kh, kw, c_in, c_out), whose
+  LoRA (a (kh·kw·c_in, r)) is written as PEFT's Conv2d LoRA; ``transposed`` LoRAs (all or none)
+  set ``fan_in_fan_out``.
 
   ``config`` (e.g. the imported adapter_config.json) is kept except for ``r``, ``rank_pattern``
   and ``modules_to_save``; ``lora_alpha``, ``alpha_pattern``, ``use_rslora`` and
@@ -373,6 +467,10 @@ def write_adapter(
   out = dict(config) if config is not None else _default_config(list(names.values()), r)
   out["r"] = r
   out["rank_pattern"] = {re.escape(names[p]): k for p, k in ranks.items() if k != r}
+  flipped = {lora.transposed for lora in leaves.values()}
+  if len(flipped) > 1:
+    raise ShareError("PEFT's fan_in_fan_out is one flag: the LoRAs are not all transposed or not")
+  out["fan_in_fan_out"] = flipped == {True}
   _check_config(out, "export")
   missed = [
     m
@@ -388,8 +486,13 @@ def write_adapter(
   for p, lora in leaves.items():
     m = names[p]
     b = np.asarray(lora.b, np.float32) * np.float32(lora.scale / _module_scale(out, m, ranks[p]))
-    tensors[f"{PREFIX}{m}.lora_A.weight"] = np.asarray(lora.a, np.float32).T
-    tensors[f"{PREFIX}{m}.lora_B.weight"] = b.T
+    a = np.asarray(lora.a, np.float32).T
+    shape = (kernel_shapes or {}).get(p)
+    if shape is not None and len(shape) == 4:  # Conv2d: (r, c_in, kh, kw) and (c_out, r, 1, 1)
+      kh, kw, c_in, _ = shape
+      a, b = a.reshape(-1, kh, kw, c_in).transpose(0, 3, 1, 2), b[:, :, None, None]
+    tensors[f"{PREFIX}{m}.lora_A.weight"] = a
+    tensors[f"{PREFIX}{m}.lora_B.weight"] = np.swapaxes(b, 0, 1)
   head_modules = set()
   for path, x in flatten_with_paths(heads or {}).items():
     module, _, leaf = path.rpartition("/")
@@ -438,6 +541,7 @@ def effective_rank(lora: LoRA, rtol: float = 1e-5) -> LoRA:
   return LoRA(
     (qa @ (u[:, :r] * root)).astype(np.float32),
     ((root[:, None] * vt[:r]) @ qb.T).astype(np.float32),
+    transposed=lora.transposed,
   )
 
 
@@ -446,7 +550,7 @@ def export_task(
   task_id: Hashable,
   directory: str | Path,
   *,
-  meta: Mapping[str, Any] | None = None,
+  meta: AdapterMeta | Mapping[str, Any] | None = None,
   scheme: str | Scheme | None = None,
   prefix: str = "",
   head_module: str | None = None,
@@ -455,12 +559,12 @@ def export_task(
   """Write task ``task_id`` as a PEFT adapter at its effective rank; returns the config.
 
   Args:
-    meta: the task's checkpoint metadata (``PeftAdapter.task_meta()``): scheme, module names and
-      the original adapter_config.json, which are then preserved.
+    meta: the task's ``AdapterMeta`` (or its checkpoint metadata, ``PeftAdapter.task_meta()``):
+      scheme, module names and the original adapter_config.json, which are then preserved.
     scheme, prefix: module naming for tasks without PEFT metadata (default ``hf_flax``).
     head_module: the PEFT module name of a head stored as bare params (``{"kernel", "bias"}``).
   """
-  peft = dict((meta or {}).get("peft") or {})
+  peft = meta if isinstance(meta, AdapterMeta) else AdapterMeta.parse(meta, f"task {task_id!r}")
   leaves = lora_leaves(reconstruct(subspace, task_id))
   lora = nest({p: effective_rank(x, rtol) for p, x in leaves.items()})
   heads = subspace.heads.get(task_id)
@@ -471,9 +575,10 @@ def export_task(
   return write_adapter(
     directory,
     lora,
-    scheme=scheme or peft.get("scheme", "hf_flax"),
-    config=peft.get("config"),
-    modules=peft.get("modules"),
+    scheme=scheme or (peft.scheme if peft else "hf_flax"),
+    config=peft.config if peft else None,
+    modules=peft.modules if peft else None,
     heads=heads,
     prefix=prefix,
+    kernel_shapes={s.path: s.stored_shape for s in subspace.layout.kernels},
   )

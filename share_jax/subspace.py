@@ -11,15 +11,25 @@ Shapes are capacity buffers:
 - ``ncols``: (T, L) the number of factor columns (the LoRA rank or pseudo-rank p) of each task;
 - ``scatter``: (L, K, K) a factor S with S Sᵀ = the scatter of all stored coefficient columns
   (about their mean when the config centres), so a merge never re-decomposes the task stack;
-- ``energy``: (L,) the fraction of (centred) energy the bases kept at the last decomposition.
+- ``energy``: (L,) the fraction of the stored columns' energy (uncentred: what reconstruction
+  sees) that the bases kept at the last merge.
+
+Per task, a ``TaskTable`` holds the interned id, ‖ΔW‖_F of the adapter the task came from and an
+upper bound of the error ‖ΔW − ΔW_stored‖_F (see ``share_jax.fidelity``).
 
 K, T and P grow in power-of-two buckets, so adding the 2nd or the 200th task reuses compiled code.
+Nothing that changes per task lives in the pytree's static data: ids are arrays (interned codes),
+so a user's ``jax.jit(f)(subspace)`` compiles once while tasks are added within capacity. Only a
+task's head (a pytree of its own structure) adds leaves, hence a new treedef, when first stored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import math
+import threading
 from collections.abc import Hashable
 from typing import Any
 
@@ -34,13 +44,44 @@ from share_jax.paths import join_path
 SIDES = ("a", "b")
 
 
+def matrix_shape(kernel_shape: tuple[int, ...], transposed: bool = False) -> tuple[int, int]:
+  """(d_in, d_out) of the matrix a kernel adapts as: an (in, out) kernel as it is; an (out, in)
+  one (``transposed``, e.g. GPT-2's Conv1D in HF Flax) transposed; a convolution kernel
+  (*window, c_in, c_out) as (∏ window · c_in, c_out), as PEFT's Conv LoRA does."""
+  shape = tuple(int(s) for s in kernel_shape)
+  if len(shape) < 2 or (transposed and len(shape) != 2):
+    kind = "a 2-D (out, in)" if transposed else "a 2-D or convolution"
+    raise ShareError(f"a kernel of shape {shape} is not {kind} kernel")
+  if transposed:
+    return shape[1], shape[0]
+  return int(np.prod(shape[:-1])), shape[-1]
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-  """An adapted kernel: its joined key path, (d_in, d_out) and parameter dtype."""
+  """An adapted kernel: its joined key path, the (d_in, d_out) matrix it adapts as, its dtype,
+  and how it is stored: ``kernel_shape`` (None: ``shape``, or its reverse when ``transposed``)
+  and ``transposed`` (stored (d_out, d_in)); ΔW is reshaped or transposed to it when added."""
 
   path: str
   shape: tuple[int, int]
   dtype: str
+  kernel_shape: tuple[int, ...] | None = None
+  transposed: bool = False
+
+  @classmethod
+  def of(cls, path: str, stored: tuple[int, ...], dtype: str, transposed: bool = False):
+    """The spec of a kernel of shape ``stored`` at ``path``."""
+    stored = tuple(int(s) for s in stored)
+    conv = None if len(stored) == 2 else stored
+    return cls(path, matrix_shape(stored, transposed), dtype, conv, bool(transposed))
+
+  @property
+  def stored_shape(self) -> tuple[int, ...]:
+    """The kernel's own shape in the parameter tree."""
+    if self.kernel_shape is not None:
+      return tuple(self.kernel_shape)
+    return tuple(self.shape[::-1]) if self.transposed else tuple(self.shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,26 +132,73 @@ def group_name(d: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class SubspaceConfig:
-  """How k is chosen: exactly ``k``, or the smallest k reaching ``explained_variance``; <= max_k."""
+  """How k is chosen per kernel side, always capped at ``max_k`` and d.
 
-  explained_variance: float = 0.6
+  The rule is the first one set of: exactly ``k`` columns; the smallest k whose bases explain
+  ``explained_variance`` of the stack's (centred, when ``center``) variance; the smallest k that
+  keeps every stored task's relative ΔW error <= ``max_task_error``; else explained variance 0.6.
+  When ``max_task_error`` is set but is not the rule (a fixed k or explained variance, or a k
+  capped by ``max_k``), it is a threshold: a merge that leaves a task above it warns
+  (``FidelityWarning``), or raises ``FidelityError`` when ``strict``, naming the tasks.
+  ``center``: choose the bases from the mean-centred stack (the paper) plus the mean direction.
+  """
+
+  explained_variance: float | None = None
   k: int | None = None
   max_k: int | None = None
   center: bool = True
+  max_task_error: float | None = None
+  strict: bool = False
 
   def __post_init__(self):
     ev = self.explained_variance
-    if not (isinstance(ev, int | float) and 0.0 < ev <= 1.0):
+    if ev is not None and not (isinstance(ev, int | float) and 0.0 < ev <= 1.0):
       raise ShareError(f"explained_variance must be in (0, 1], got {ev!r}")
     for name in ("k", "max_k"):
       v = getattr(self, name)
-      if v is not None and (not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1):
+      if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1):
         raise ShareError(f"{name} must be an integer >= 1, got {v!r}")
+    tau = self.max_task_error
+    if tau is not None and (
+      isinstance(tau, bool) or not isinstance(tau, int | float) or not 0.0 <= tau < math.inf
+    ):
+      raise ShareError(f"max_task_error must be a finite number >= 0, got {tau!r}")
+    for name in ("center", "strict"):
+      if not isinstance(getattr(self, name), bool | np.bool_):
+        raise ShareError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+  @property
+  def rule(self) -> tuple[str, float | int]:
+    """The k rule in force: ``("k", k)``, ``("explained_variance", ev)`` or
+    ``("max_task_error", τ)``."""
+    if self.k is not None:
+      return "k", self.k
+    if self.explained_variance is not None:
+      return "explained_variance", self.explained_variance
+    if self.max_task_error is not None:
+      return "max_task_error", self.max_task_error
+    return "explained_variance", 0.6
 
   def limit(self, d: int) -> int:
     """The largest k a side of dimension d may have."""
     cap = d if self.k is None else min(self.k, d)
     return cap if self.max_k is None else min(cap, self.max_k)
+
+  def with_options(self, **options) -> SubspaceConfig:
+    """A copy with the options that are not None replaced; a new k rule displaces the old one."""
+    options = {n: v for n, v in options.items() if v is not None}
+    rules = {"k", "explained_variance", "max_task_error"}
+    if rules & options.keys():
+      options = {n: None for n in rules - options.keys() - {"max_task_error"}} | options
+    return dataclasses.replace(self, **options) if options else self
+
+
+class FidelityWarning(UserWarning):
+  """A merge left stored tasks with a ΔW error above the configured ``max_task_error``."""
+
+
+class FidelityError(ShareError):
+  """As ``FidelityWarning``, raised instead when the config is ``strict``."""
 
 
 @flax.struct.dataclass
@@ -129,18 +217,75 @@ class FactorGroup:
     return k, t, p
 
 
+# ----------------------------------------------------------------------------- task ids as arrays
+
+_EMPTY = -1
+_REGISTRY: dict[tuple[int, int], Hashable] = {}
+_LOCK = threading.Lock()
+
+
+def id_code(task_id: Hashable) -> tuple[int, int]:
+  """Two non-negative int32 words identifying ``task_id`` (an int or a str) in every process."""
+  text = f"{type(task_id).__name__}:{task_id!r}".encode()
+  h = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+  code = (h & 0x7FFFFFFF, (h >> 32) & 0x7FFFFFFF)
+  with _LOCK:
+    known = _REGISTRY.setdefault(code, task_id)
+  if known != task_id or type(known) is not type(task_id):
+    raise ShareError(f"task ids {known!r} and {task_id!r} share a hash code; rename one")
+  return code
+
+
+def _id_of(code) -> Hashable:
+  return _REGISTRY[(int(code[0]), int(code[1]))]
+
+
+@flax.struct.dataclass
+class TaskTable:
+  """Per task row (T, capacity-bucketed like the coefficients); empty rows have code -1.
+
+  code: (T, 2) int32, the task id as ``id_code`` words.
+  norm: (T,) float32, ‖ΔW‖_F (all adapted kernels) of the adapter the task came from.
+  error: (T,) float32, an upper bound of ‖ΔW − ΔW_stored‖_F (exact after the storing merge).
+  """
+
+  code: jax.Array
+  norm: jax.Array
+  error: jax.Array
+
+  @classmethod
+  def empty(cls, capacity: int) -> TaskTable:
+    return cls(
+      jnp.full((capacity, 2), _EMPTY, jnp.int32),
+      jnp.zeros((capacity,), jnp.float32),
+      jnp.zeros((capacity,), jnp.float32),
+    )
+
+  def grow(self, capacity: int) -> TaskTable:
+    pad = capacity - self.norm.shape[0]
+    if pad <= 0:
+      return self
+    return TaskTable(
+      jnp.pad(self.code, ((0, pad), (0, 0)), constant_values=_EMPTY),
+      jnp.pad(self.norm, (0, pad)),
+      jnp.pad(self.error, (0, pad)),
+    )
+
+
 @flax.struct.dataclass
 class Subspace:
-  """Immutable Share state. ``groups`` and ``task_heads`` are pytree children; the rest is static.
+  """Immutable Share state. ``groups``, ``tasks`` and ``task_heads`` are pytree children; the
+  layout and config are static.
 
-  ``task_heads`` has one entry per task (None: no head), aligned with ``task_ids`` so that ids of
-  mixed types (int and str) never have to be sorted as dict keys.
+  ``task_heads`` maps a task's row to its head (tasks without a head have no entry).
+  Task ids are read on the host (``task_ids``, ``task_index``), never inside ``jax.jit``: look
+  a task's row up outside and pass it in.
   """
 
   groups: dict[str, FactorGroup]
-  task_heads: tuple[Any, ...]
+  tasks: TaskTable
+  task_heads: dict[int, Any]
   layout: Layout = flax.struct.field(pytree_node=False)
-  task_ids: tuple[Hashable, ...] = flax.struct.field(pytree_node=False)
   config: SubspaceConfig = flax.struct.field(pytree_node=False)
 
   @classmethod
@@ -151,12 +296,46 @@ class Subspace:
     task_ids: tuple[Hashable, ...],
     config: SubspaceConfig,
     heads: dict[Hashable, Any] | None = None,
+    *,
+    norm: Any = None,
+    error: Any = None,
   ) -> Subspace:
+    """A subspace holding ``task_ids`` in rows 0, 1, … of ``groups``. ``norm`` and ``error``
+    (T,): the fidelity record; by default the stored ΔW counts as the original (error 0). Groups
+    may hold ``jax.ShapeDtypeStruct`` leaves (for accounting), then norms are zero."""
+    from share_jax.fidelity import stored_norms  # fidelity builds on this module
+
     heads = heads or {}
     unknown = [t for t in heads if t not in task_ids]
     if unknown:
       raise UnknownTaskError(f"heads for unknown task ids {unknown}")
-    return cls(groups, tuple(heads.get(t) for t in task_ids), layout, tuple(task_ids), config)
+    capacity = next(iter(groups.values())).capacity[1] if groups else max(len(task_ids), 1)
+    table = TaskTable.empty(capacity)
+    rows = np.asarray([id_code(t) for t in task_ids], np.int32).reshape(-1, 2)
+    code = table.code.at[: len(task_ids)].set(rows)
+    concrete = all(isinstance(grp.coef, jax.Array | np.ndarray) for grp in groups.values())
+    if norm is None and task_ids and concrete:
+      norm = stored_norms(groups, layout) * (np.arange(capacity) < len(task_ids))
+    if norm is None:
+      norm = jnp.zeros((capacity,), jnp.float32)
+    if error is None:
+      error = jnp.zeros((capacity,), jnp.float32)
+    table = TaskTable(code, jnp.asarray(norm, jnp.float32), jnp.asarray(error, jnp.float32))
+    rows_of = {t: i for i, t in enumerate(task_ids)}
+    return cls(groups, table, {rows_of[t]: h for t, h in heads.items()}, layout, config)
+
+  def _codes(self) -> np.ndarray:
+    if isinstance(self.tasks.code, jax.core.Tracer):
+      raise ShareError(
+        "task ids are host-side: look up a task's row (subspace.task_index) outside jax.jit"
+      )
+    codes = np.asarray(self.tasks.code)
+    return codes[codes[:, 0] != _EMPTY]
+
+  @functools.cached_property
+  def task_ids(self) -> tuple[Hashable, ...]:
+    """Ids in learning order (row order); read once per (immutable) subspace."""
+    return tuple(_id_of(c) for c in self._codes())
 
   @property
   def num_tasks(self) -> int:
@@ -165,7 +344,8 @@ class Subspace:
   @property
   def heads(self) -> dict[Hashable, Any]:
     """``{task id: head}`` of the tasks that have one."""
-    return {t: h for t, h in zip(self.task_ids, self.task_heads, strict=True) if h is not None}
+    ids = self.task_ids
+    return {ids[i]: h for i, h in sorted(self.task_heads.items())}
 
   @property
   def bases(self) -> dict[str, jax.Array]:
@@ -173,11 +353,12 @@ class Subspace:
     return {g: grp.basis for g, grp in self.groups.items()}
 
   def task_index(self, task_id: Hashable) -> int:
+    ids = self.task_ids
     try:
-      return self.task_ids.index(task_id)
+      return ids.index(task_id)
     except ValueError:
       raise UnknownTaskError(
-        f"unknown task id {task_id!r}; the subspace holds {list(self.task_ids)}"
+        f"unknown task id {task_id!r}; the subspace holds {list(ids)}"
       ) from None
 
   def coefs(self, task_id: Hashable) -> dict[str, jax.Array]:
@@ -194,15 +375,4 @@ class Subspace:
     """A copy that stores ``head`` (any pytree, e.g. a classifier's params) for a known task."""
     i = self.task_index(task_id)
     check_finite(head, f"task {task_id!r}: head")
-    return self.replace(task_heads=self.task_heads[:i] + (head,) + self.task_heads[i + 1 :])
-
-  def with_tasks(
-    self, groups: dict[str, FactorGroup], task_ids, config: SubspaceConfig
-  ) -> Subspace:
-    """A copy with new groups holding ``task_ids`` appended (no heads yet) and ``config``."""
-    return self.replace(
-      groups=groups,
-      task_ids=self.task_ids + tuple(task_ids),
-      task_heads=self.task_heads + (None,) * len(task_ids),
-      config=config,
-    )
+    return self.replace(task_heads={**self.task_heads, i: head})

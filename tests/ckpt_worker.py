@@ -7,6 +7,12 @@ listed version against ``subspace_for(version)``.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -41,11 +47,27 @@ def subspace_for(version: int) -> Subspace:
   )
 
 
-def save_forever(directory: str, progress: str) -> None:
-  """Append ``ready``, then each version number once its save has returned, to ``progress``."""
+def _kill_when_writing(directory: Path) -> None:
+  """SIGKILL this process as soon as a version is being written (Orbax's temporary directory
+  exists): a kill that lands mid-write for certain."""
+  while not any(".orbax-checkpoint-tmp" in p.name for p in directory.iterdir()):
+    time.sleep(0.0005)
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_forever(directory: str, progress: str, kill_mid_write_after: int | None = None) -> None:
+  """Append ``ready``, then each version number once its save has returned, to ``progress``.
+
+  ``kill_mid_write_after``: after that many completed saves, die in the middle of the next one.
+  """
   with open(progress, "a") as log, Checkpointer(directory, max_to_keep=MAX_TO_KEEP) as ckpt:
     print("ready", file=log, flush=True)
+    completed = 0
     while True:
+      if completed == kill_mid_write_after:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        threading.Thread(target=_kill_when_writing, args=(Path(directory),), daemon=True).start()
       version = (ckpt.latest() or 0) + 1
       ckpt.save(subspace_for(version), task_meta={0: {"version": version}})
+      completed += 1
       print(version, file=log, flush=True)

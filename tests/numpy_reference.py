@@ -8,16 +8,40 @@ import share_jax as sj
 
 
 def basis_ref(x: np.ndarray, *, center: bool, k: int | None = None, ev: float = 1.0):
-  """Top singular vectors of the (centred) stack x (d, n): (U_k, k, eigenvalues)."""
+  """The bases of the stack x (d, n): (U_k, k, energy of each candidate column).
+
+  Uncentred: the top singular vectors of x. Centred: the mean direction m first, then the top
+  singular vectors of the centred stack with m projected out; energies are centred variance.
+  """
   x = np.asarray(x, np.float64)
-  xc = x - x.mean(axis=1, keepdims=True) if center else x
-  u, s, _ = np.linalg.svd(xc, full_matrices=False)
-  lam = s**2
+  if center:
+    mu = x.mean(axis=1)
+    xc = x - mu[:, None]
+    m = mu / np.linalg.norm(mu)
+    u, s, _ = np.linalg.svd(xc - np.outer(m, m @ xc), full_matrices=False)
+    u, lam = (
+      np.concatenate([m[:, None], u], axis=1),
+      np.concatenate([[np.sum((m @ xc) ** 2)], s**2]),
+    )
+  else:
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    lam = s**2
   if k is None:
     cum = np.cumsum(lam)
     k = int(np.searchsorted(cum, ev * cum[-1] * (1 - 1e-9)) + 1)
   k = min(k, u.shape[1])
   return u[:, :k], k, lam
+
+
+def delta_error(rec: dict, orig: dict) -> float:
+  """Relative Frobenius error of ΔW over all kernels: {path: LoRA} reconstructed vs original."""
+  num = den = 0.0
+  for path, lora in orig.items():
+    want = np.asarray(lora.a, np.float64) @ np.asarray(lora.b, np.float64) * lora.scale
+    got = np.asarray(rec[path].a, np.float64) @ np.asarray(rec[path].b, np.float64)
+    num += float(np.sum((got * rec[path].scale - want) ** 2))
+    den += float(np.sum(want**2))
+  return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def projector_distance(u: np.ndarray, v: np.ndarray) -> float:

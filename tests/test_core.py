@@ -197,11 +197,11 @@ def test_storage_counts_coefficients_bases_and_loras():
   sub = sub.with_head(0, {"w": jnp.zeros((24, 3)), "b": jnp.zeros(3)})
   st = sj.storage(sub)
   n_kernels = len(pl.shapes)
-  assert st.task_params[1] == n_kernels * 2 * 5 * 3
+  assert st.coef_params[1] == n_kernels * 2 * 5 * 3
   assert st.lora_params[1] == sum((i + o) * 3 for i, o in pl.shapes.values())
   assert st.basis_params == sum((i + o) * 5 for i, o in pl.shapes.values())
   assert st.head_params == {0: 75, 1: 0, 2: 0, 3: 0}
   assert st.share_total == st.basis_params + 4 * n_kernels * 30 + 75
-  assert st.ratio_per_task == pytest.approx(st.lora_params[1] / st.task_params[1])
+  assert st.ratio_per_task == pytest.approx(st.lora_params[1] / st.coef_params[1])
   vs_rank8 = sj.storage(sub, lora_rank=8)
   assert vs_rank8.lora_params[1] == sum((i + o) * 8 for i, o in pl.shapes.values())

@@ -9,28 +9,11 @@ import pytest
 
 import share_jax as sj
 from share_jax.experiments.models import BertEncoder, ViT, ViTConfig, tiny_config
-from share_jax.lora import select_kernels
-from share_jax.paths import nest
+from share_jax.experiments.synthetic import random_loras
 from share_jax.serving import mixed_task_apply, task_indices
 
 TASKS = ["t0", "t1", "t2", 3, 4]
 ORDER = ["t2", 4, "t0", "t2", 3, "t1"]  # one batch, every example its own task
-
-
-def random_loras(params, target, n, rank, seed):
-  """n LoRA trees with random (non-zero) a and b on the kernels ``target`` selects."""
-  rng = np.random.default_rng(seed)
-  kernels = select_kernels(params, target)
-  trees = []
-  for _ in range(n):
-    leaves = {}
-    for path, w in kernels.items():
-      d_in, d_out = w.shape
-      a = rng.normal(size=(d_in, rank)) / np.sqrt(d_in)
-      b = 0.5 * rng.normal(size=(rank, d_out)) / np.sqrt(rank)
-      leaves[path] = sj.LoRA(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
-    trees.append(nest(leaves))
-  return trees
 
 
 def bert_case():
@@ -52,7 +35,7 @@ def vit_case():
 @functools.cache
 def case(name):
   model, params, target, inputs = {"bert": bert_case, "vit": vit_case}[name]()
-  loras = random_loras(params, target, len(TASKS), rank=3, seed=2)
+  loras = random_loras(params, target, len(TASKS), rank=3, seed=2, b_scale=0.5)
   sub = sj.init_subspace(params, loras, task_ids=TASKS, k=6)
   return model, params, sub, inputs
 
@@ -80,7 +63,9 @@ def test_mixed_batch_equals_each_example_with_its_task_params(name):
 def test_prefix_for_a_subspace_built_on_the_bare_params_tree():
   model, params, _, inputs = case("vit")
   target = r"(query|value)/kernel$"
-  sub = sj.init_subspace(params["params"], random_loras(params["params"], target, 3, 2, 3), k=4)
+  sub = sj.init_subspace(
+    params["params"], random_loras(params["params"], target, 3, rank=2, seed=3, b_scale=0.5), k=4
+  )
   tasks = jnp.asarray([2, 0, 1, 1, 0, 2], jnp.int32)
   got = mixed_task_apply(model.apply, params, sub, tasks, *inputs, prefix="")
   apply = jax.jit(model.apply)

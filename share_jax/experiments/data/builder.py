@@ -41,6 +41,11 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """The source; FileNotFoundError (with the install command) if it does not exist."""
     return require(self._source or self.default_source(), self.name)
 
+  def _split_generators(self, dl_manager):
+    """One ``train`` split read from ``source`` (override for more)."""
+    del dl_manager
+    return {"train": self._generate_examples(self.source)}
+
   def _info_for(self, features: dict, description: str) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
       builder=self,

@@ -56,10 +56,6 @@ class TweetSentiment(LocalBuilder):
       "self-driving cars, #DeflateGate, ...); the domain is recovered by regex.",
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples(self.source)}
-
   def _generate_examples(self, source: Path):
     # Some bytes of the file are mangled: drop them.
     with open(source, encoding="utf-8", errors="ignore", newline="") as f:

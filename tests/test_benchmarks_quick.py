@@ -1,0 +1,40 @@
+"""Every benchmark's ``--quick`` smoke run exits 0, prints its markdown table and leaves
+benchmarks/RESULTS.md alone: benchmarks that stop working fail CI instead of rotting."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+QUICK = {
+  "merge": ["--quick", "--profile"],
+  "serving": ["--quick"],
+  "storage": ["--quick"],
+  "continual": ["--config", "configs/text_domains.py", "--quick"],
+  "fidelity": ["--quick"],
+  "train_step": ["--quick"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUICK))
+def test_quick_benchmark_runs_and_prints_its_table(name):
+  if "--quick" not in (ROOT / "benchmarks" / f"{name}.py").read_text():
+    pytest.skip(f"benchmarks/{name}.py has no --quick mode yet")
+  before = RESULTS.read_bytes()
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+  proc = subprocess.run(
+    [sys.executable, "-m", f"benchmarks.{name}", *QUICK[name]],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "|---|" in proc.stdout, proc.stdout[-2000:]
+  assert RESULTS.read_bytes() == before
