@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import inspect
 import json
 import platform
 import shutil
@@ -340,7 +339,7 @@ def run(args) -> dict:
     )
 
   # Share, asynchronous in batches of 50: the frontier.
-  has_tau = "max_task_error" in inspect.signature(sj.init_subspace).parameters
+  has_tau = "max_task_error" in {f.name for f in dataclasses.fields(sj.SubspaceConfig)}
   specs = [{"k": k} for k in g["share_k"]]
   specs += [{"explained_variance": ev} for ev in g["share_ev"]]
   specs += [{"max_task_error": t} for t in g["share_tau"]] if has_tau else []
