@@ -11,7 +11,7 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # Without that wheel the interop extra (peft + torch) is left out and its tests skip.
 if ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
   "${PIP[@]}" --find-links /opt/wheels torch==2.13.0
-  "${PIP[@]}" --find-links /opt/wheels -e ".[experiments,dev,interop]"
+  "${PIP[@]}" --find-links /opt/wheels -e ".[experiments,dev,interop,peers]"
 else
   echo "setup: no local CPU torch wheel; skipping the interop extra (PEFT round-trip tests skip)"
   "${PIP[@]}" -e ".[experiments,dev]"
