@@ -92,7 +92,8 @@ def next_bound(tasks, loss: jax.Array, stored: jax.Array) -> jax.Array:
   """The error bound (T,) after a merge that moved each stored ΔŴ by ``loss`` (exact) and left
   it with norm ``stored``: the smaller of the triangle inequality and the expansion above."""
   n, e = tasks.norm, tasks.error
-  expansion = jnp.sqrt(jnp.maximum(n**2 - stored**2 + 2.0 * e * stored, 0.0))
+  slack = 64 * float(jnp.finfo(jnp.float32).eps) * n**2  # float32 round-off of n² − s²
+  expansion = jnp.sqrt(jnp.maximum(n**2 - stored**2 + 2.0 * e * stored + slack, 0.0))
   return jnp.minimum(e + loss, expansion)
 
 
