@@ -1,15 +1,18 @@
-"""One training step of a new task: Share (ε-only, on a frozen basis) against LoRA, same batch.
+"""One training step of a new task: Share's step (ε, + φ temporary factors, on a frozen basis)
+against a LoRA step, on the same batch.
 
-    /work/venv/bin/python -m benchmarks.train_step            # MiniLM-L6 (tiny BERT if missing)
-    /work/venv/bin/python -m benchmarks.train_step --write    # also update benchmarks/RESULTS.md
+    python -m benchmarks.train_step            # MiniLM-L6 (tiny BERT if missing)
+    python -m benchmarks.train_step --quick    # tiny BERT, a few rounds (≤ 60 s)
+    python -m benchmarks.train_step --write    # also update benchmarks/RESULTS.md
 
-Both steps are the ones the continual runner trains with (``share_jax.experiments``): the backbone's
-features, a linear head, cross-entropy, optax Adam. LoRA: ``apply_lora`` (W + a b) inside a
-``jax.value_and_grad`` over {LoRA tree, head}. Share: ``sj.make_train_step`` over the task's
-coefficients ε (+ φ temporary factors) and head, on a subspace (k columns per side) built from
-random rank-r LoRAs. "head only" (no adapter, the backbone's backward pass skipped) is the floor.
-``--factored`` adds a prototype Share step that never forms ΔW (see ``factored_objective``).
-Steps are timed interleaved (one step of each variant per round) after compilation; the table
+Every step is built from the public API as the continual runner builds it: the backbone's
+features, a linear head, cross-entropy, optax Adam, ``sj.make_step``. LoRA: ``sj.apply_lora``
+(W + a b formed, as peft-style code written on params does) and, as a second reference, the same
+LoRA through ``sj.low_rank_loss`` (factored, what the runner trains). Share: ``sj.make_train_step``
+(factored: (x F_a) F_bᵀ added inside each adapted Dense, no ΔW) and the same step with
+``factored=False`` (W + ΔW formed), on a subspace of k columns per side built from random rank-r
+LoRAs. "head only" (no adapter, the backbone's backward pass skipped) is the floor. Steps are
+timed interleaved (one step of each variant per round, shuffled) after compilation; the table
 gives medians over rounds.
 """
 
@@ -23,7 +26,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,12 +33,13 @@ import optax
 
 import share_jax as sj
 from benchmarks.results_file import report
-from share_jax.experiments import backbones, training
+from share_jax.experiments import backbones, fitting
+from share_jax.experiments.methods import lora_factors
 from share_jax.experiments.synthetic import random_loras
-from share_jax.lora import apply_lora, select_kernels
-from share_jax.paths import as_predicate, flatten_with_paths
-from share_jax.subspace import SIDES
-from share_jax.train import trained_factors
+
+HEADING = "## ε-only step vs LoRA step (issue 3/5)"
+NUM_CLASSES = 4
+LORA = "LoRA r={r}, W + a b formed"
 
 
 def optimizer_bytes(opt_state: Any) -> int:
@@ -46,10 +49,6 @@ def optimizer_bytes(opt_state: Any) -> int:
     for x in jax.tree.leaves(opt_state)
     if hasattr(x, "dtype")
   )
-
-
-HEADING = "## ε-only step vs LoRA step (issue 3/5)"
-NUM_CLASSES = 4
 
 
 def backbone(name: str, seq: int) -> backbones.Backbone:
@@ -77,13 +76,11 @@ def size(tree) -> int:
 
 @dataclasses.dataclass
 class Variant:
-  """A jitted ``step(trainable, opt_state, *args)``, its state, and ``adapt(trainable)`` -> the
-  adapted params (the part of the step that differs between methods)."""
+  """A jitted ``step(trainable, opt_state, *args)`` and its state."""
 
   step: Callable
   args: tuple
   state: tuple
-  adapt: Callable | None
   adapter_params: int
   opt_bytes: int
 
@@ -93,108 +90,72 @@ class Variant:
 
   def cost(self) -> tuple[float, float]:
     """(GFLOP, GB accessed) of the compiled step, from XLA's cost analysis."""
-    cost = self.step.lower(*self.state[:2], *self.args).compile().cost_analysis()
+    jitted = getattr(self.step, "__wrapped__", self.step)  # make_train_step wraps its jit
+    cost = jitted.lower(*self.state[:2], *self.args).compile().cost_analysis()
     return cost["flops"] / 1e9, cost["bytes accessed"] / 1e9
-
-
-def factored_objective(loss: Callable, layout, prefix: str = "params/") -> Callable:
-  """Prototype, not in the library: ``objective(trainable, (params, bases), batch)`` in which
-  every adapted ``nn.Dense`` adds (x F_a) F_bᵀ to its output, instead of the step building
-  W + F_a F_bᵀ. No ΔW and no dense dL/dΔW = xᵀ dy (2·B·T·d_in·d_out per kernel) are formed."""
-  slots = {
-    path.removeprefix(prefix).removesuffix("/kernel"): [layout.slots[(path, s)] for s in SIDES]
-    for path in layout.paths
-  }
-
-  def objective(trainable, params_bases, batch):
-    params, bases = params_bases
-    factors = trained_factors(bases, trainable)
-
-    def intercept(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      key = "/".join(context.module.path)
-      if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-        if key in slots:
-          (ga, ra), (gb, rb) = slots[key]
-          out = out + (args[0] @ factors[ga][ra]) @ factors[gb][rb].T
-      return out
-
-    with nn.intercept_methods(intercept):
-      return loss(params, trainable.head, batch)
-
-  return objective
 
 
 def variants(bb: backbones.Backbone, batch: dict, args) -> tuple[dict[str, Variant], list[str]]:
   """The head-only, LoRA and Share steps on ``batch``, all with Adam and the same small random
   linear head (a zero head would give the adapters zero gradients)."""
-  loss = training.classification_loss(bb.features)
+  loss = fitting.classification_loss(bb.features)
   opt = optax.adam(1e-3)
   w = 0.01 * jax.random.normal(jax.random.key(3), (bb.feature_dim, NUM_CLASSES))
-  head = training.zero_head(bb.feature_dim, NUM_CLASSES) | {"w": w}
+  head = fitting.zero_head(bb.feature_dim, NUM_CLASSES) | {"w": w}
   params = bb.params
 
-  def variant(step, step_args, trainable, adapt, adapter):
+  def variant(step, step_args, trainable, adapter):
     opt_state = opt.init(trainable)
     return Variant(
-      step, step_args, (trainable, opt_state, None), adapt, adapter, optimizer_bytes(opt_state)
+      step, step_args, (trainable, opt_state, None), adapter, optimizer_bytes(opt_state)
     )
 
-  out = {
-    "head only (floor)": variant(
-      training.make_step(lambda tr, p, b: loss(p, tr, b), opt), (params, batch), head, None, 0
-    )
-  }
-  lora = sj.init_lora_tree(params, bb.target, rank=args.rank, rng=jax.random.key(0))
-  out[f"LoRA r={args.rank}"] = variant(
-    training.make_step(lambda tr, p, b: loss(apply_lora(p, tr["lora"]), tr["head"], b), opt),
-    (params, batch),
-    {"lora": lora, "head": head},
-    lambda tr: apply_lora(params, tr["lora"]),
-    size(lora),
+  head_step = sj.make_step(lambda tr, p, b: loss(p, tr, b), opt)
+  out = {"head only (floor)": variant(head_step, (params, batch), head, 0)}
+  lora = {"lora": sj.init_lora_tree(params, bb.target, rank=args.rank, rng=jax.random.key(0))}
+  lora["head"] = head
+  dense_lora = sj.make_step(lambda tr, p, b: loss(sj.apply_lora(p, tr["lora"]), tr["head"], b), opt)
+  factored_lora = sj.make_step(
+    lambda tr, p, b: sj.low_rank_loss(loss, p, lora_factors(tr["lora"]), tr["head"], b), opt
   )
-  loras = random_loras(params, bb.target, args.loras, rank=args.rank, seed=1)
-  sub = sj.init_subspace(params, loras, k=args.k)
-  share_step = sj.make_train_step(loss, opt, sub.layout)
-  factored_step = training.make_step(factored_objective(loss, sub.layout), opt)
+  out[LORA.format(r=args.rank)] = variant(dense_lora, (params, batch), lora, size(lora["lora"]))
+  out[f"LoRA r={args.rank}, factored"] = variant(
+    factored_lora, (params, batch), lora, size(lora["lora"])
+  )
+  sub = sj.init_subspace(
+    params, random_loras(params, bb.target, args.loras, rank=args.rank, seed=1), k=args.k
+  )
   errors = []
   for phi in args.phi:
     state = sj.begin_task(sub, "new", rng=jax.random.key(2), p=args.p, phi=phi, head=head)
+    # both sides non-zero, so that every coefficient has a gradient to compare
+    state = state.replace(coef=jax.tree.map(lambda c: c + 0.01, state.coef))
     name = f"Share k={args.k}, p={args.p}, φ={phi}" + (" (ε only)" if phi == 0 else "")
     adapter = size((state.coef, state.temp, state.temp_coef))
-    adapt = lambda tr: sj.adapted_params(params, sub, tr)  # noqa: E731
-    out[name] = variant(share_step, (params, sub.bases, batch), state, adapt, adapter)
-    if args.factored:
-      step_args = ((params, sub.bases), batch)
-      out[f"{name}, factored (prototype)"] = variant(factored_step, step_args, state, None, adapter)
-      dense = jax.grad(lambda tr: loss(sj.adapted_params(params, sub, tr), tr.head, batch))(state)
-      fact = jax.grad(factored_objective(loss, sub.layout))(state, (params, sub.bases), batch)
-      errors.append(max_rel_diff(dense, fact))
-  if not errors:
-    return out, []
-  return out, [f"Factored vs dense gradients: max relative difference {max(errors):.1e}."]
+    for factored, label in ((True, "factored (the step)"), (False, "W + ΔW formed")):
+      step = sj.make_train_step(loss, opt, sub.layout, factored=factored)
+      out[f"{name}, {label}"] = variant(step, (params, sub.bases, batch), state, adapter)
+    errors.append(gradient_difference(loss, sub, state, params, batch))
+  note = f"Factored vs W + ΔW gradients: max relative difference {max(errors):.1e}."
+  return out, [note]
 
 
-def max_rel_diff(a, b) -> float:
-  """Largest |a - b| / max |a| over the non-empty leaves of two equal pytrees."""
+def gradient_difference(loss, sub, state, params, batch) -> float:
+  """Largest relative difference between the factored and the materialised step's gradients
+  (one SGD step of rate 1 moves the state by minus the gradient), over the non-empty leaves."""
+  sgd = optax.sgd(1.0)
+  moved = [
+    sj.make_train_step(loss, sgd, sub.layout, factored=f)(
+      state, sgd.init(state), params, sub.bases, batch
+    )[0]
+    for f in (True, False)
+  ]
+  grads = [jax.tree.map(lambda a, b: a - b, state, m) for m in moved]
   return max(
-    float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(x)))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    if x.size
+    float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y)))
+    for x, y in zip(*(jax.tree.leaves(g) for g in grads), strict=True)
+    if y.size and float(jnp.max(jnp.abs(y))) > 0
   )
-
-
-def adapter_path(v: Variant, target: str) -> Callable[[], jax.Array]:
-  """The adapted kernels and their backward given a fixed dL/dW: what a step spends on the
-  adapter itself (the backbone's forward and backward, dL/dW included, are shared)."""
-  pred = as_predicate(target)
-
-  def objective(trainable):
-    kernels = flatten_with_paths(v.adapt(trainable))
-    return sum(jnp.sum(w) for p, w in kernels.items() if jnp.ndim(w) == 2 and pred(p, w))
-
-  grad = jax.jit(jax.grad(objective))
-  return lambda: grad(v.state[0])
 
 
 def measure(fns: dict[str, Callable[[], object]], rounds: int) -> tuple[dict, dict, dict]:
@@ -235,60 +196,59 @@ def main() -> None:
   ap.add_argument("--k", type=int, default=32)
   ap.add_argument("--p", type=int, default=1)
   ap.add_argument("--phi", type=int, nargs="+", default=[2, 0])
-  ap.add_argument("--factored", action="store_true", help="also the factored Share prototype")
   ap.add_argument("--rounds", type=int, default=15)
+  ap.add_argument("--quick", action="store_true", help="tiny BERT, batch 8 × 16, 5 rounds")
   ap.add_argument("--write", action="store_true", help=f"write {HEADING!r} into RESULTS.md")
   args = ap.parse_args()
+  if args.quick:
+    args.model, args.batch, args.seq, args.rounds, args.k = "tiny", 8, 16, 5, 8
 
   bb = backbone(args.model, args.seq)
   vs, notes = variants(bb, batch_of(bb, args.batch, args.seq), args)
-  steps = {n: v.run for n, v in vs.items()}
-  paths = {n: adapter_path(v, bb.target) for n, v in vs.items() if v.adapt is not None}
-  first, wall, cpu = measure(steps, args.rounds)
-  path_s = {n: statistics.median(t) for n, t in measure(paths, args.rounds)[1].items()}
+  first, wall, cpu = measure({n: v.run for n, v in vs.items()}, args.rounds)
   step_s = {n: statistics.median(t) for n, t in wall.items()}
-  lora = f"LoRA r={args.rank}"
-  kernels = select_kernels(bb.params, bb.target)
-  dw_gflop = 2 * args.batch * args.seq * sum(int(np.size(w)) for w in kernels.values()) / 1e9
+  lora = LORA.format(r=args.rank)
+  kernels = sj.lora_leaves(vs[lora].state[0]["lora"])
+  dw_gflop = 2 * args.batch * args.seq * sum(x.a.shape[0] * x.b.shape[1] for x in kernels.values())
   rows = []
   for n, v in vs.items():
     head = size(v.state[0]) - v.adapter_params
-    adapter = f"{path_s[n] * 1e3:.2f}" if n in path_s else "–"
     gflop, gbytes = v.cost()
     rows.append(
-      f"| {n} | {head:,} + {v.adapter_params:,} | {v.opt_bytes:,} | {gflop:.3f} | "
-      f"{gbytes:.3f} | {first[n]:.1f} | {step_s[n] * 1e3:.4g} | {1 / step_s[n]:.2f} | "
-      f"{paired_ratio(wall[lora], wall[n])} | {paired_ratio(cpu[lora], cpu[n])} | {adapter} |"
+      f"| {n} | {head:,} + {v.adapter_params:,} | {v.opt_bytes:,} "
+      f"({v.opt_bytes / vs[lora].opt_bytes:.0%}) | {gflop:.3f} | {gbytes:.3f} | {first[n]:.1f} | "
+      f"{step_s[n] * 1e3:.4g} | {paired_ratio(wall[lora], wall[n])} | "
+      f"{paired_ratio(cpu[lora], cpu[n])} |"
     )
   report(
     HEADING,
     "benchmarks.train_step",
     [
-      f"{bb.name}; adapters on `{bb.target}` ({len(kernels)} "
-      f"kernels); batch {args.batch} × {args.seq} tokens, {NUM_CLASSES}-way linear head, Adam. "
-      f"Share's subspace: k = {args.k} per side from {args.loras} random rank-{args.rank} LoRAs. "
-      f"Times: medians of {args.rounds} interleaved rounds (in shuffled order) after compilation. "
-      "Throughput vs LoRA: median (quartiles) of the per-round ratios of LoRA's time to the "
-      "step's, by wall time and by process CPU time. GFLOP and GB accessed: XLA's cost analysis "
-      "of the compiled step. Adapter path: building the adapted kernels and their backward from "
-      "a given dL/dW, alone.",
+      f"{bb.name}; adapters on `{bb.target}` ({len(kernels)} kernels); batch {args.batch} × "
+      f"{args.seq} tokens, {NUM_CLASSES}-way linear head, Adam. Share's subspace: k = {args.k} "
+      f"per side from {args.loras} random rank-{args.rank} LoRAs. Times: medians of "
+      f"{args.rounds} interleaved rounds (in shuffled order) after compilation. Throughput vs "
+      f"LoRA: median (quartiles) of the per-round ratios of the time of `{lora}` (the reference) "
+      "to the step's, by wall time and by process CPU time. Adam state: bytes, and as a share of "
+      "LoRA's. GFLOP and GB accessed: XLA's cost analysis of the compiled step.",
       "",
       "| step | trained params (head + adapter) | Adam state bytes | GFLOP / step | "
-      "GB accessed / step | compile + 1st step s | ms / step | steps / s | "
-      "throughput vs LoRA (wall) | (CPU time) | adapter path ms |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "GB accessed / step | compile + 1st step s | ms / step | throughput vs LoRA (wall) | "
+      "(CPU time) |",
+      "|---|---|---|---|---|---|---|---|---|",
       *rows,
       "",
       " ".join(
         [
-          f"Both dense steps form dL/dW = xᵀ dy for every adapted kernel ({dw_gflop:.3g} GFLOP "
-          "per step, 2·B·T·Σ d_in·d_out) and W + ΔW; a factored step forms neither.",
+          "A step that forms W + ΔW also forms dL/dW = xᵀ dy for every adapted kernel "
+          f"({dw_gflop / 1e9:.3g} GFLOP per step, 2·B·T·Σ d_in·d_out); a factored step forms "
+          "neither.",
           *notes,
         ]
       ),
     ],
     write=args.write,
-    note=", shared with other processes (compare ratios within the table, not absolute times)",
+    note=" (compare ratios within the table, not absolute times)",
   )
 
 

@@ -7,6 +7,9 @@ examples per class, 4 epochs, batch 32.
 
     python -m share_jax.run --config configs/text_domains.py --workdir runs/demo
     python -m share_jax.run --config configs/text_domains.py --workdir /tmp/q --config.quick=True
+
+``--config.model_dir=/path/to/checkpoint`` swaps MiniLM for any local HF checkpoint (BERT, RoBERTa,
+…: config.json + weights + tokenizer), keeping max_len and frozen_layers.
 """
 
 from share_jax.experiments.config import default_config

@@ -94,8 +94,11 @@ class WriterLock:
 
   def __enter__(self) -> WriterLock:
     check_directory(self.directory)
-    self.directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise CheckpointError(f"cannot take the writer lock of {self.directory}: {e}") from None
     deadline = time.monotonic() + self.timeout
     while True:
       try:

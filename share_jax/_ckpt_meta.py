@@ -27,6 +27,7 @@ from share_jax.subspace import SIDES, FactorGroup, KernelSpec, Layout, Subspace,
 
 FORMAT = "share_jax.subspace"
 FORMAT_VERSION = 2  # 2: checksum, validated structure
+_LAYOUT_KEYS = {"dtype", "path", "shape", "kernel_shape", "transposed"}
 _DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "bool")
 _SHA = re.compile(r"[0-9a-f]{64}")
 
@@ -84,7 +85,10 @@ class CheckpointMeta:
       "task_meta": list(self.task_meta),
       "config": dataclasses.asdict(self.config),
       "layout": [
-        {"path": s.path, "shape": list(s.shape), "dtype": s.dtype} for s in self.layout.kernels
+        {"path": s.path, "shape": list(s.shape), "dtype": s.dtype}
+        | ({"kernel_shape": list(s.stored_shape)} if s.kernel_shape else {})
+        | ({"transposed": True} if s.transposed else {})
+        for s in self.layout.kernels
       ],
       "ranks": [dataclasses.asdict(r) for r in self.ranks],
       "arrays": {
@@ -200,11 +204,23 @@ def _layout(items: Any) -> Layout:
   need(isinstance(items, list) and items, "layout is not a non-empty list")
   specs = []
   for s in items:
-    need(isinstance(s, dict) and sorted(s) == ["dtype", "path", "shape"], f"layout entry {s!r}")
+    need(
+      isinstance(s, dict) and {"dtype", "path", "shape"} <= set(s) <= _LAYOUT_KEYS,
+      f"layout entry {s!r}",
+    )
     shape = _shape(s["shape"], f"layout {s['path']!r}")
     need(isinstance(s["path"], str) and len(shape) == 2 and min(shape) > 0, f"layout entry {s!r}")
     need(s["dtype"] in _DTYPES[:4], f"layout {s['path']!r}: dtype {s['dtype']!r}")
-    specs.append(KernelSpec(s["path"], shape, s["dtype"]))
+    flip = s.get("transposed", False)
+    need(flip in (True, False), f"layout {s['path']!r}: transposed {flip!r}")
+    default = list(shape[::-1] if flip else shape)
+    stored = _shape(s.get("kernel_shape", default), f"layout {s['path']!r}")
+    try:
+      spec = KernelSpec.of(s["path"], stored, s["dtype"], flip)
+    except ShareError:
+      spec = None
+    need(spec is not None and spec.shape == shape, f"layout entry {s!r}: kernel_shape vs shape")
+    specs.append(spec)
   paths = [s.path for s in specs]
   need(len(set(paths)) == len(paths), "duplicate kernel paths in layout")
   return Layout(tuple(specs))

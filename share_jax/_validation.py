@@ -10,7 +10,7 @@ import numpy as np
 
 from share_jax._profiling import phase
 from share_jax.errors import ShareError
-from share_jax.lora import LoRA, lora_leaves
+from share_jax.lora import LoRA, factor_problem, lora_leaves
 from share_jax.paths import flatten_with_paths, leaf_shape
 from share_jax.subspace import KernelSpec, Layout, Subspace
 
@@ -35,8 +35,7 @@ def as_tasks(loras: LoRAs, task_ids: Sequence[Hashable] | None) -> list[tuple[Ha
     raise ShareError(f"{len(task_ids)} task ids for {len(trees)} LoRA trees")
   seen = set()
   for t in task_ids:
-    if not isinstance(t, str | int) or isinstance(t, bool):
-      raise ShareError(f"task id {t!r} must be a str or an int")
+    check_id(t)
     if t in seen:
       raise ShareError(f"duplicate task id {t!r}")
     seen.add(t)
@@ -54,19 +53,20 @@ def as_tasks(loras: LoRAs, task_ids: Sequence[Hashable] | None) -> list[tuple[Ha
 
 def _factor(task: Hashable, path: str, name: str, x: Any) -> np.ndarray:
   """A factor as a host array; an error for anything but a real floating-point array."""
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise ShareError(
-      f"task {task!r}, {path!r}: factor {name} is a {type(x).__name__}, not an array"
-    )
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ShareError(
-      f"task {task!r}, {path!r}: factor {name} has dtype {x.dtype}, not a floating-point dtype"
-    )
+  problem = factor_problem(x)
+  if problem:
+    raise ShareError(f"task {task!r}, {path!r}: factor {name} {problem}")
   return np.asarray(x)
 
 
-def check_factors(task: Hashable, path: str, lora: LoRA, shape: tuple[int, int]) -> None:
+def check_factors(task: Hashable, path: str, lora: LoRA, spec: KernelSpec) -> None:
   a, b = _factor(task, path, "a", lora.a), _factor(task, path, "b", lora.b)
+  shape = spec.shape
+  if lora.transposed != spec.transposed:
+    raise ShareError(
+      f"task {task!r}, {path!r}: LoRA transposed={lora.transposed} but the kernel is stored "
+      f"{'(out, in)' if spec.transposed else '(in, out)'}"
+    )
   if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
     raise ShareError(
       f"task {task!r}, {path!r}: factors a {a.shape}, b {b.shape} are not (d_in, r), (r, d_out)"
@@ -96,7 +96,7 @@ def check_tasks(layout: Layout, tasks: list[tuple[Hashable, dict]]) -> None:
         f"task {t!r} adapts a different set of kernels: unexpected {extra}, missing {missing}"
       )
     for path, lora in leaves.items():
-      check_factors(t, path, lora, layout.spec(path).shape)
+      check_factors(t, path, lora, layout.spec(path))
 
 
 @phase("validate")
@@ -108,21 +108,22 @@ def layout_from_params(params: Any, tasks: list[tuple[Hashable, dict]]) -> Layou
     if path not in kernels:
       raise ShareError(f"task {first_task!r}: LoRA at {path!r}, which the params do not have")
     w = kernels[path]
-    if len(leaf_shape(w)) != 2:
-      raise ShareError(f"{path!r} is not a 2-D kernel (shape {leaf_shape(w)})")
-    specs.append(kernel_spec(path, w))
+    specs.append(kernel_spec(path, w, first[path].transposed))
   return Layout(tuple(specs))
 
 
-def kernel_spec(path: str, w: Any) -> KernelSpec:
-  """The spec of an adapted kernel; an error for integer or boolean kernels (W + ΔW would be
-  truncated)."""
+def kernel_spec(path: str, w: Any, transposed: bool = False) -> KernelSpec:
+  """The spec of an adapted kernel (stored (d_out, d_in) when ``transposed``); an error for
+  integer or boolean kernels (W + ΔW would be truncated) or a shape that is no kernel."""
   dtype = jnp.dtype(w.dtype) if hasattr(w, "dtype") else np.asarray(w).dtype
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ShareError(
       f"kernel {path!r} has dtype {dtype}: only floating-point kernels can be adapted"
     )
-  return KernelSpec(path, tuple(int(s) for s in w.shape), str(dtype))
+  try:
+    return KernelSpec.of(path, w.shape, str(dtype), transposed)
+  except ShareError as e:
+    raise ShareError(f"{path!r}: {e}") from None
 
 
 def check_params(params: Any, layout: Layout) -> dict[str, Any]:
@@ -131,16 +132,22 @@ def check_params(params: Any, layout: Layout) -> dict[str, Any]:
   for spec in layout.kernels:
     if spec.path not in leaves:
       raise ShareError(f"params have no kernel at {spec.path!r}")
-    if leaf_shape(leaves[spec.path]) != spec.shape:
+    if leaf_shape(leaves[spec.path]) != spec.stored_shape:
       raise ShareError(
-        f"kernel {spec.path!r} has shape {leaf_shape(leaves[spec.path])}, not {spec.shape}"
+        f"kernel {spec.path!r} has shape {leaf_shape(leaves[spec.path])}, not {spec.stored_shape}"
       )
   return leaves
 
 
 @phase("validate")
+def check_id(task_id: Any) -> None:
+  if not isinstance(task_id, str | int) or isinstance(task_id, bool):
+    raise ShareError(f"task id {task_id!r} must be a str or an int")
+
+
 def check_new_task_ids(subspace: Subspace, task_ids: Sequence[Hashable]) -> None:
-  """An error naming any id the subspace already holds."""
+  """An error naming any id that is not a str or an int, or that the subspace already holds."""
   for t in task_ids:
+    check_id(t)
     if t in subspace.task_ids:
       raise ShareError(f"duplicate task id {t!r}: the subspace already holds it")

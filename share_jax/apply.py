@@ -44,18 +44,20 @@ def reconstruct(subspace: Subspace, task_id: Hashable) -> dict:
   for spec in subspace.layout.kernels:
     sides = out[spec.path]
     dtype = jnp.dtype(spec.dtype)
-    leaves[spec.path] = LoRA(jnp.asarray(sides["a"], dtype), jnp.asarray(sides["b"].T, dtype))
+    a, b = jnp.asarray(sides["a"], dtype), jnp.asarray(sides["b"].T, dtype)
+    leaves[spec.path] = LoRA(a, b, transposed=spec.transposed)
   return nest(leaves)
 
 
 def apply_factors(params: Any, layout: Layout, factors: Mapping[str, jax.Array]) -> Any:
-  """W + a bᵀ on every adapted kernel, from side factors ``{group: (L, d, p)}``; dtypes kept."""
+  """W + a bᵀ on every adapted kernel (reshaped or transposed to it), from side factors
+  ``{group: (L, d, p)}``; dtypes kept."""
   deltas = {}
   for spec in layout.kernels:
     (ga, ra), (gb, rb) = (layout.slots[(spec.path, s)] for s in SIDES)
     deltas[spec.path] = mm("ip,op->io", factors[ga][ra], factors[gb][rb])
 
-  return add_deltas(params, deltas)
+  return add_deltas(params, deltas, {s.path for s in layout.kernels if s.transposed})
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))

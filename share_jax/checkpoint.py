@@ -243,14 +243,7 @@ class Checkpointer:
       _ckpt_dir.clean(self.directory)
       listing = _ckpt_dir.scan(self.directory)
       latest = listing.versions[-1] if listing.versions else None
-      version = listing.top + 1 if version is None else int(version)
-      if latest is not None and version <= latest:
-        raise CheckpointError(f"version {version} is not after the latest version {latest}")
-      if version <= listing.top:
-        raise CheckpointError(
-          f"version {version} is not after the stray entries {list(listing.strays)} in "
-          f"{self.directory} (numbered entries that are not complete versions)"
-        )
+      version = self._next_version(listing, version)
       previous = self.metadata(latest) if latest is not None else None
       inherited = dict(zip(previous.task_ids, previous.task_meta, strict=True)) if previous else {}
       meta = describe(
@@ -266,6 +259,21 @@ class Checkpointer:
         kept = _ckpt_dir.scan(self.directory).versions
         _ckpt_dir.discard(self.directory, list(kept[: -self.max_to_keep]))
     return version
+
+  def _next_version(self, listing: _ckpt_dir.Listing, version: int | None) -> int:
+    """``version``, or after every numbered entry; an error if an entry is in the way."""
+    if version is None:
+      return listing.top + 1
+    if listing.versions and version <= listing.versions[-1]:
+      raise CheckpointError(
+        f"version {version} is not after the latest version {listing.versions[-1]}"
+      )
+    if version <= listing.top:
+      raise CheckpointError(
+        f"version {version} is not after the stray entries {list(listing.strays)} in "
+        f"{self.directory} (numbered entries that are not complete versions)"
+      )
+    return int(version)
 
   def _write(self, version: int, arrays: dict[str, jax.Array], meta: dict) -> None:
     stored = nest({p: x for p, x in arrays.items() if x.size > 0})

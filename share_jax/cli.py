@@ -116,9 +116,7 @@ def cmd_init(args) -> int:
     ids = _task_ids(args, args.adapters)
     adapters = _read(args.adapters, args.scheme)
     first = lora_leaves(adapters[0].lora)
-    params = _kernel_params(
-      {p: ((x.a.shape[0], x.b.shape[1]), "float32") for p, x in first.items()}
-    )
+    params = _kernel_params({p: (adapters[0].shapes[p], "float32") for p in first})
     subspace = init_subspace(
       params, [a.lora for a in adapters], task_ids=ids, **_config_options(args)
     )

@@ -19,7 +19,7 @@ from share_jax._validation import (
   layout_from_params,
 )
 from share_jax.errors import ShareError
-from share_jax.lora import select_kernels
+from share_jax.lora import select_kernels, selects
 from share_jax.paths import Target
 from share_jax.subspace import FactorGroup, Layout, Subspace, SubspaceConfig
 
@@ -44,6 +44,7 @@ def empty_subspace(
   *,
   config: SubspaceConfig | None = None,
   task_capacity: int = 1,
+  transposed: Target | None = None,
   **options,
 ) -> Subspace:
   """A subspace with no task yet over the kernels ``target`` selects (a regex on the joined key
@@ -51,10 +52,12 @@ def empty_subspace(
 
   ``config`` (a ``SubspaceConfig``) and/or its fields as keywords (``k``, ``explained_variance``,
   ``max_task_error``, ``max_k``, ``center``, ``strict``) set how k is chosen at each merge.
+  Convolution kernels adapt as (∏ window · c_in, c_out); ``transposed`` selects the kernels
+  stored (d_out, d_in) (HF Flax GPT-2's Conv1D).
   """
   config = resolve_config(config, **_options(options))
   kernels = select_kernels(params, target)
-  specs = tuple(kernel_spec(p, w) for p, w in sorted(kernels.items()))
+  specs = tuple(kernel_spec(p, w, selects(transposed, p, w)) for p, w in sorted(kernels.items()))
   return _empty_like(Layout(specs), config, task_capacity)
 
 

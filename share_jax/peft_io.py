@@ -3,7 +3,10 @@ from LoRA trees at Flax kernel paths.
 
 PEFT stores, per torch module ``m``, ``base_model.model.<m>.lora_A.weight`` (r, in) and
 ``lora_B.weight`` (out, r) with ΔW_torch = B A · lora_alpha / r (/ √r with ``use_rslora``). The
-Flax kernel (in, out) gets ΔW = a b with a = Aᵀ, b = Bᵀ · scale. Module names become Flax paths
+Flax kernel (in, out) gets ΔW = a b with a = Aᵀ, b = Bᵀ · scale. A Conv2d LoRA (lora_A (r, c_in,
+kh, kw), lora_B (c_out, r, 1, 1)) adapts the Flax kernel (kh, kw, c_in, c_out) as the matrix
+(kh·kw·c_in, c_out); with ``fan_in_fan_out`` (GPT-2's Conv1D) the Flax kernel is stored (out, in)
+(HF FlaxGPT2) and the LoRA is ``transposed``. Module names become Flax paths
 through a named ``Scheme``; ``modules_to_save`` tensors become heads in Flax layout (Linear
 ``weight`` (out, in) → ``kernel`` (in, out), 1-D ``weight`` → ``scale``, ``bias``).
 """
@@ -38,7 +41,6 @@ PREFIX = "base_model.model."
 # Config keys whose truthy value changes what the weights mean: never imported silently.
 UNSUPPORTED = (
   "use_dora",
-  "fan_in_fan_out",
   "lora_bias",
   "use_qalora",
   "use_bdlora",
@@ -253,7 +255,8 @@ class PeftAdapter:
 
   ``lora``: LoRA tree at Flax kernel paths, a (in, r), b (r, out) with the scale folded in;
   ``heads``: ``modules_to_save`` params in Flax layout; ``config``: the adapter_config.json;
-  ``modules``: ``{Flax kernel path: PEFT module name}``; ``scheme``: the scheme's name.
+  ``modules``: ``{Flax kernel path: PEFT module name}``; ``scheme``: the scheme's name;
+  ``shapes``: ``{Flax kernel path: the kernel shape the factors imply}``.
   """
 
   lora: dict
@@ -261,6 +264,7 @@ class PeftAdapter:
   config: dict
   modules: dict[str, str]
   scheme: str
+  shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
   @property
   def meta(self) -> AdapterMeta:
@@ -339,7 +343,7 @@ def read_adapter(
   if not factors:
     raise ShareError(f"{directory}: the adapter has no LoRA factors")
   kernels = flatten_with_paths(params) if params is not None else None
-  leaves, modules = {}, {}
+  leaves, modules, shapes = {}, {}, {}
   unknown = []
   for module, sides in sorted(factors.items()):
     try:
@@ -347,7 +351,7 @@ def read_adapter(
     except ShareError:
       unknown.append(module)
       continue
-    leaves[path] = _lora(directory, config, module, sides, path, kernels)
+    leaves[path], shapes[path] = _lora(directory, config, module, sides, path, kernels)
     if path in modules:
       raise ShareError(f"{directory}: modules {modules[path]!r} and {module!r} map to {path!r}")
     modules[path] = module
@@ -355,18 +359,36 @@ def read_adapter(
     raise ShareError(
       f"{directory}: PEFT modules with no Flax path in scheme {scheme.name!r}: {unknown[:6]}"
     )
-  return PeftAdapter(nest(leaves), nest(head_params), config, modules, scheme.name)
+  return PeftAdapter(nest(leaves), nest(head_params), config, modules, scheme.name, shapes)
 
 
-def _lora(directory, config, module, sides, path, kernels) -> LoRA:
+def _conv_factors(directory, module, a, b) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+  """Conv2d LoRA: lora_A (r, c_in, kh, kw), lora_B (c_out, r, 1, 1) -> A (r, kh·kw·c_in) and
+  B (c_out, r) in the Flax kernel's row order, and that kernel's shape (kh, kw, c_in, c_out)."""
+  if b.ndim != 4 or b.shape[2:] != (1, 1) or a.shape[0] != b.shape[1]:
+    raise ShareError(
+      f"{directory}: module {module!r}: Conv lora_A {a.shape} and lora_B {b.shape} are not "
+      "(r, c_in, kh, kw), (c_out, r, 1, 1)"
+    )
+  r, c_in, kh, kw = a.shape
+  return a.transpose(0, 2, 3, 1).reshape(r, -1), b[:, :, 0, 0], (kh, kw, c_in, b.shape[0])
+
+
+def _lora(directory, config, module, sides, path, kernels) -> tuple[LoRA, tuple[int, ...]]:
+  """The module's LoRA in Flax terms and the shape of the Flax kernel it adapts."""
   if set(sides) != {"A", "B"}:
     raise ShareError(f"{directory}: module {module!r} has lora_{''.join(sides)} only")
   a, b = sides["A"], sides["B"]
-  if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+  flip = bool(config.get("fan_in_fan_out")) and a.ndim == 2
+  if a.ndim == 4:
+    a, b, shape = _conv_factors(directory, module, a, b)
+  elif a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
     raise ShareError(
       f"{directory}: module {module!r}: lora_A {a.shape} and lora_B {b.shape} are not (r, in), "
       "(out, r)"
     )
+  else:
+    shape = (b.shape[0], a.shape[1]) if flip else (a.shape[1], b.shape[0])
   rank = _pattern_value(config, "rank_pattern", module, config["r"])
   if a.shape[0] != rank:
     raise ShareError(
@@ -375,12 +397,13 @@ def _lora(directory, config, module, sides, path, kernels) -> LoRA:
   if kernels is not None:
     if path not in kernels:
       raise ShareError(f"{directory}: module {module!r} maps to {path!r}, not in the base params")
-    if tuple(np.shape(kernels[path])) != (a.shape[1], b.shape[0]):
+    if tuple(np.shape(kernels[path])) != shape:
       raise ShareError(
         f"{directory}: module {module!r} maps {a.shape[1]} -> {b.shape[0]} but the base kernel "
-        f"{path!r} is {tuple(np.shape(kernels[path]))}"
+        f"{path!r} is {tuple(np.shape(kernels[path]))} (the factors imply {shape})"
       )
-  return LoRA(a.T, b.T * np.float32(_module_scale(config, module, rank)))
+  lora = LoRA(a.T, b.T * np.float32(_module_scale(config, module, rank)), transposed=flip)
+  return lora, shape
 
 
 # ----------------------------------------------------------------------------- writing
@@ -416,8 +439,13 @@ def write_adapter(
   modules: Mapping[str, str] | None = None,
   heads: Any = None,
   prefix: str = "",
+  kernel_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict:
   """Write a LoRA tree (and heads in Flax layout) as a PEFT adapter directory; returns the config.
+
+  ``kernel_shapes`` gives the Flax shape of convolution kernels (kh, kw, c_in, c_out), whose
+  LoRA (a (kh·kw·c_in, r)) is written as PEFT's Conv2d LoRA; ``transposed`` LoRAs (all or none)
+  set ``fan_in_fan_out``.
 
   ``config`` (e.g. the imported adapter_config.json) is kept except for ``r``, ``rank_pattern``
   and ``modules_to_save``; ``lora_alpha``, ``alpha_pattern``, ``use_rslora`` and
@@ -439,6 +467,10 @@ def write_adapter(
   out = dict(config) if config is not None else _default_config(list(names.values()), r)
   out["r"] = r
   out["rank_pattern"] = {re.escape(names[p]): k for p, k in ranks.items() if k != r}
+  flipped = {lora.transposed for lora in leaves.values()}
+  if len(flipped) > 1:
+    raise ShareError("PEFT's fan_in_fan_out is one flag: the LoRAs are not all transposed or not")
+  out["fan_in_fan_out"] = flipped == {True}
   _check_config(out, "export")
   missed = [
     m
@@ -454,8 +486,13 @@ def write_adapter(
   for p, lora in leaves.items():
     m = names[p]
     b = np.asarray(lora.b, np.float32) * np.float32(lora.scale / _module_scale(out, m, ranks[p]))
-    tensors[f"{PREFIX}{m}.lora_A.weight"] = np.asarray(lora.a, np.float32).T
-    tensors[f"{PREFIX}{m}.lora_B.weight"] = b.T
+    a = np.asarray(lora.a, np.float32).T
+    shape = (kernel_shapes or {}).get(p)
+    if shape is not None and len(shape) == 4:  # Conv2d: (r, c_in, kh, kw) and (c_out, r, 1, 1)
+      kh, kw, c_in, _ = shape
+      a, b = a.reshape(-1, kh, kw, c_in).transpose(0, 3, 1, 2), b[:, :, None, None]
+    tensors[f"{PREFIX}{m}.lora_A.weight"] = a
+    tensors[f"{PREFIX}{m}.lora_B.weight"] = np.swapaxes(b, 0, 1)
   head_modules = set()
   for path, x in flatten_with_paths(heads or {}).items():
     module, _, leaf = path.rpartition("/")
@@ -504,6 +541,7 @@ def effective_rank(lora: LoRA, rtol: float = 1e-5) -> LoRA:
   return LoRA(
     (qa @ (u[:, :r] * root)).astype(np.float32),
     ((root[:, None] * vt[:r]) @ qb.T).astype(np.float32),
+    transposed=lora.transposed,
   )
 
 
@@ -542,4 +580,5 @@ def export_task(
     modules=peft.modules if peft else None,
     heads=heads,
     prefix=prefix,
+    kernel_shapes={s.path: s.stored_shape for s in subspace.layout.kernels},
   )

@@ -5,8 +5,12 @@ GEMMs and k × p work per example, its task's coefficients gathered by task inde
 
     y_i = x_i W + b + (((x_i α) ε_α[t_i]) ε_β[t_i]ᵀ) βᵀ
 
-No ΔW is formed. Works on any Flax linen model whose adapted kernels belong to ``nn.Dense``
-layers, through ``flax.linen.intercept_methods``.
+No ΔW is formed. Works on any Flax linen model through ``flax.linen.intercept_methods``: an
+adapted 2-D kernel's module must map its first input's last axis linearly (``nn.Dense``, HF's
+GPT-2 ``FlaxConv1D`` whose kernel is stored transposed); an adapted convolution kernel's module must
+be an ``nn.Conv`` without feature groups, whose update is the two convolutions of PEFT's Conv LoRA
+(α as a window → K_a conv, then 1×1 ones). Grouped or depthwise convolutions cannot be served
+factored: serve them with ``task_params``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def task_indices(subspace: Subspace, task_ids: Sequence[Hashable]) -> jax.Array:
 
 def low_rank_term(
   x: jax.Array,
-  alpha: jax.Array,
+  alpha: jax.Array | None,
   coef_a: jax.Array,
   beta: jax.Array,
   coef_b: jax.Array,
@@ -39,22 +43,46 @@ def low_rank_term(
   """(((x α) ε_α[t]) ε_β[t]ᵀ) βᵀ for each example's task t.
 
   x (B, ..., d_in); α (d_in, K_a), ε_α (T, K_a, P); β (d_out, K_b), ε_β (T, K_b, P);
-  tasks (B,) → (B, ..., d_out).
+  tasks (B,) → (B, ..., d_out). ``alpha=None``: x is already x α (B, ..., K_a).
   """
   dtype = x.dtype
-  z = x @ alpha.astype(dtype)  # shared GEMM (B, ..., K_a)
+  z = x if alpha is None else x @ alpha.astype(dtype)  # shared GEMM (B, ..., K_a)
   u = jnp.einsum("b...k,bkp->b...p", z, coef_a[tasks].astype(dtype))
   w = jnp.einsum("b...p,bjp->b...j", u, coef_b[tasks].astype(dtype))
   return w @ beta.T.astype(dtype)  # shared GEMM (B, ..., d_out)
 
 
+def _conv_alpha(module: nn.Conv, x: jax.Array, alpha: jax.Array, kernel_shape) -> jax.Array:
+  """x convolved (the module's window, strides, padding, dilations) with α as a
+  (*window, c_in, K_a) kernel: (B, *spatial', K_a)."""
+  if module.feature_group_count != 1:
+    raise ShareError(
+      f"{'/'.join(module.path)!r}: a convolution with feature_group_count="
+      f"{module.feature_group_count} (depthwise or grouped) cannot be served factored; "
+      "serve it with task_params"
+    )
+  window = nn.Conv(
+    features=alpha.shape[-1],
+    kernel_size=tuple(kernel_shape[:-2]),
+    strides=module.strides,
+    padding=module.padding,
+    input_dilation=module.input_dilation,
+    kernel_dilation=module.kernel_dilation,
+    use_bias=False,
+    precision=module.precision,
+  )
+  kernel = alpha.reshape(*kernel_shape[:-1], alpha.shape[-1]).astype(x.dtype)
+  return window.apply({"params": {"kernel": kernel}}, x)
+
+
 @contextlib.contextmanager
 def mixed_tasks(subspace: Subspace, tasks: jax.Array, *, prefix: str = "params/") -> Iterator[None]:
-  """Inside, every ``nn.Dense`` whose kernel the subspace adapts adds example i's task-``tasks[i]``
+  """Inside, every module whose kernel the subspace adapts (``nn.Dense``, ``nn.Conv``, or any
+  module mapping its input's last axis through a 2-D kernel) adds example i's task-``tasks[i]``
   update to its output (``tasks``: (B,) indices from ``task_indices``).
 
-  A Dense at module path ``m`` matches the kernel path ``prefix + m + "/kernel"``. On exit, an
-  adapted kernel that no Dense matched is an error (e.g. a wrong ``prefix``).
+  A module at path ``m`` matches the kernel path ``prefix + m + "/kernel"``. On exit, an
+  adapted kernel that no module matched is an error (e.g. a wrong ``prefix``).
   """
   layout = subspace.layout
   slots = {
@@ -67,25 +95,36 @@ def mixed_tasks(subspace: Subspace, tasks: jax.Array, *, prefix: str = "params/"
   def intercept(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     key = "/".join(context.module.path) + "/kernel"
-    if not (
-      isinstance(context.module, nn.Dense) and context.method_name == "__call__" and key in slots
-    ):
+    if context.method_name != "__call__" or key not in slots:
       return out
-    x = args[0] if args else kwargs["inputs"]
+    x = args[0] if args else next(iter(kwargs.values()))
     if x.shape[:1] != tasks.shape:
       raise ShareError(
         f"{key!r}: inputs {x.shape} do not lead with the batch of tasks {tasks.shape}"
       )
+    spec = layout.spec(prefix + key)
     reached.add(prefix + key)
     (ga, ra), (gb, rb) = ((subspace.groups[g], row) for g, row in slots[key])
-    term = low_rank_term(x, ga.basis[ra], ga.coef[:, ra], gb.basis[rb], gb.coef[:, rb], tasks)
+    alpha = ga.basis[ra]
+    if len(spec.stored_shape) > 2:
+      if not isinstance(context.module, nn.Conv):
+        raise ShareError(f"{key!r}: a convolution kernel outside an nn.Conv cannot be served")
+      x, alpha = _conv_alpha(context.module, x, alpha, spec.stored_shape), None
+    elif (x.shape[-1], out.shape[-1]) != spec.shape:
+      raise ShareError(
+        f"{key!r}: the module maps {x.shape} -> {out.shape}, not the last axis {spec.shape}"
+      )
+    term = low_rank_term(x, alpha, ga.coef[:, ra], gb.basis[rb], gb.coef[:, rb], tasks)
     return out + term.astype(out.dtype)
 
   with nn.intercept_methods(intercept):
     yield
   missing = sorted(set(layout.paths) - reached)
   if missing:
-    raise ShareError(f"no nn.Dense was called for adapted kernels {missing} (prefix {prefix!r})")
+    raise ShareError(
+      f"no nn.Dense was called (nor another module) for adapted kernels {missing} "
+      f"(prefix {prefix!r})"
+    )
 
 
 def mixed_task_apply(

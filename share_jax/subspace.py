@@ -44,13 +44,44 @@ from share_jax.paths import join_path
 SIDES = ("a", "b")
 
 
+def matrix_shape(kernel_shape: tuple[int, ...], transposed: bool = False) -> tuple[int, int]:
+  """(d_in, d_out) of the matrix a kernel adapts as: an (in, out) kernel as it is; an (out, in)
+  one (``transposed``, e.g. GPT-2's Conv1D in HF Flax) transposed; a convolution kernel
+  (*window, c_in, c_out) as (∏ window · c_in, c_out), as PEFT's Conv LoRA does."""
+  shape = tuple(int(s) for s in kernel_shape)
+  if len(shape) < 2 or (transposed and len(shape) != 2):
+    kind = "a 2-D (out, in)" if transposed else "a 2-D or convolution"
+    raise ShareError(f"a kernel of shape {shape} is not {kind} kernel")
+  if transposed:
+    return shape[1], shape[0]
+  return int(np.prod(shape[:-1])), shape[-1]
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-  """An adapted kernel: its joined key path, (d_in, d_out) and parameter dtype."""
+  """An adapted kernel: its joined key path, the (d_in, d_out) matrix it adapts as, its dtype,
+  and how it is stored: ``kernel_shape`` (None: ``shape``, or its reverse when ``transposed``)
+  and ``transposed`` (stored (d_out, d_in)); ΔW is reshaped or transposed to it when added."""
 
   path: str
   shape: tuple[int, int]
   dtype: str
+  kernel_shape: tuple[int, ...] | None = None
+  transposed: bool = False
+
+  @classmethod
+  def of(cls, path: str, stored: tuple[int, ...], dtype: str, transposed: bool = False):
+    """The spec of a kernel of shape ``stored`` at ``path``."""
+    stored = tuple(int(s) for s in stored)
+    conv = None if len(stored) == 2 else stored
+    return cls(path, matrix_shape(stored, transposed), dtype, conv, bool(transposed))
+
+  @property
+  def stored_shape(self) -> tuple[int, ...]:
+    """The kernel's own shape in the parameter tree."""
+    if self.kernel_shape is not None:
+      return tuple(self.kernel_shape)
+    return tuple(self.shape[::-1]) if self.transposed else tuple(self.shape)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 A new task trains, per adapted kernel and side, coefficients ε (K × p) on the frozen shared basis
 plus φ temporary factors T (d × φ) with their coefficients ε_T (φ × p) (paper §1.5): the side's
-factor columns are ``basis @ ε + T @ ε_T`` and ΔW = F_a F_bᵀ. ``finish_task`` folds the trained
-factor columns into the bases (what T learned survives) and re-projects every old task.
+factor columns are ``basis @ ε + T @ ε_T`` and ΔW = F_a F_bᵀ. The step (``make_train_step``)
+adds (x F_a) F_bᵀ to each adapted Dense's output rather than forming ΔW where the model allows it
+(``low_rank_loss``). ``finish_task`` folds the trained factor columns into the bases (what T
+learned survives) and re-projects every old task. ``make_step`` is the one gradient → update →
+apply step every training loop (the runner's, ViT pretraining) reuses.
 
 A state remembers the bases it was begun (or read) on, ``TaskState.origin``: a static field, not
 trained, that ``make_train_step``'s step keeps out of its compiled signature. So a task that
@@ -17,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -31,8 +35,10 @@ from share_jax._validation import check_new_task_ids, check_params
 from share_jax.apply import apply_factors
 from share_jax.errors import ShareError
 from share_jax.fidelity import stored_norms
+from share_jax.lora import add_deltas
 from share_jax.merge import mm, scatter_factor, side_factors
-from share_jax.subspace import Layout, Subspace, check_finite
+from share_jax.paths import flatten_with_paths
+from share_jax.subspace import SIDES, Layout, Subspace, check_finite
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -144,6 +150,12 @@ def begin_task(
     raise ShareError(f"begin_task {task_id!r}: scale must be a finite number > 0, got {scale!r}")
   if head is not None:
     check_finite(head, f"task {task_id!r}: head")
+  try:
+    jax.random.split(rng)
+  except (TypeError, ValueError):
+    raise ShareError(
+      f"begin_task {task_id!r}: rng must be a PRNG key (e.g. jax.random.key(0)), got {rng!r:.80}"
+    ) from None
   a_rows = _side_rows(subspace.layout, "a")
   coef, temp, temp_coef = {}, {}, {}
   for g, grp in subspace.groups.items():
@@ -170,27 +182,103 @@ def adapted_params(params: Any, subspace: Subspace, trainable: TaskState) -> Any
   return apply_factors(params, subspace.layout, trained_factors(subspace.bases, trainable))
 
 
+def make_step(objective: Callable[..., jax.Array], optimizer: optax.GradientTransformation):
+  """A jitted ``step(trainable, opt_state, *args) -> (trainable, opt_state, loss)``: one update of
+  ``optimizer`` on the gradient of ``loss = objective(trainable, *args)``.
+
+  Only ``trainable`` is differentiated; ``opt_state`` is ``optimizer.init(trainable)``. Callable
+  inside another jitted function or a ``jax.lax.scan`` body.
+  """
+
+  @jax.jit
+  def step(trainable, opt_state, *args):
+    loss, grads = jax.value_and_grad(objective)(trainable, *args)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  return step
+
+
 def make_train_step(
-  loss_fn: Callable[[Any, Any, Any], jax.Array], optimizer: optax.GradientTransformation, layout
+  loss_fn: Callable[[Any, Any, Any], jax.Array],
+  optimizer: optax.GradientTransformation,
+  layout: Layout,
+  *,
+  factored: bool | None = None,
 ) -> Callable:
   """A jitted step ``(trainable, opt_state, params, bases, batch) -> (trainable, opt_state, loss)``.
 
   Only ``trainable`` is differentiated; params and bases (``subspace.bases``) are inputs, so the
   step compiles once for every task of equal shapes. ``loss_fn(adapted_params, head, batch)``;
-  the optimizer state, ``optimizer.init(trainable)``, exists only for trainable leaves.
+  the optimizer state, ``optimizer.init(trainable)``, exists only for trainable leaves. The loss
+  is ``low_rank_loss``'s: factored (no ΔW formed) wherever the model allows, see ``factored``
+  there.
   """
 
   def objective(trainable, params, bases, batch):
-    adapted = apply_factors(params, layout, trained_factors(bases, trainable))
-    return loss_fn(adapted, trainable.head, batch)
+    factors = trained_factors(bases, trainable)
+    pairs = {
+      path: tuple(factors[g][row] for g, row in (layout.slots[(path, s)] for s in SIDES))
+      for path in layout.paths
+    }
+    return low_rank_loss(loss_fn, params, pairs, trainable.head, batch, factored=factored)
 
-  @jax.jit
-  def step(trainable, opt_state, params, bases, batch):
-    loss, grads = jax.value_and_grad(objective)(trainable, params, bases, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
+  return _keeping_origin(make_step(objective, optimizer))
 
-  return _keeping_origin(step)
+
+def low_rank_loss(
+  loss_fn: Callable[..., jax.Array],
+  params: Any,
+  factors: Mapping[str, tuple[jax.Array, jax.Array]],
+  *args: Any,
+  factored: bool | None = None,
+) -> jax.Array:
+  """``loss_fn(params with W + a bᵀ at every kernel path of factors, *args)``; ``factors``:
+  ``{joined kernel path: (a (d_in, p), b (d_out, p))}``. Differentiable in the factors.
+
+  ``factored`` (default: wherever it applies): each ``flax.linen.Dense`` whose kernel is one of
+  these leaves of ``params`` adds ``(x a) bᵀ`` to its output and ``loss_fn`` runs on ``params``
+  unchanged, so neither ΔW nor its dense gradient xᵀ dy (2·B·T·d_in·d_out flops per kernel) is
+  formed; value and gradients equal the materialised ones. It applies when every kernel reaches
+  the loss through an ``nn.Dense`` call (Linen models, HF Flax models); otherwise (NNX, plain
+  functions) W + a bᵀ is built. Pass ``factored=False`` if the loss also reads an adapted kernel
+  outside its Dense (weight tying, a penalty on params); ``factored=True`` makes a kernel that no
+  Dense used an error.
+  """
+  if factored is not False:
+    loss, missing = _factored_loss(loss_fn, params, factors, args)
+    if not missing:
+      return loss
+    if factored:
+      raise ShareError(f"factored loss: no nn.Dense used the adapted kernels {missing}")
+  deltas = {path: mm("ip,op->io", a, b) for path, (a, b) in factors.items()}
+  return loss_fn(add_deltas(params, deltas), *args)
+
+
+def _factored_loss(loss_fn, params, factors, args) -> tuple[jax.Array, list[str]]:
+  """(loss, kernel paths that no Dense used): ``loss_fn(params, *args)`` inside an interceptor
+  that adds ``(x a) bᵀ`` to every ``nn.Dense`` whose kernel is a leaf of ``params`` at a path of
+  ``factors`` (matched by identity: only kernels the model takes from ``params`` as they are)."""
+  leaves = flatten_with_paths(params)
+  owner = {id(leaves[path]): path for path in factors if path in leaves}
+  reached = set()
+
+  def intercept(next_fun, call_args, kwargs, context):
+    out = next_fun(*call_args, **kwargs)
+    module = context.module
+    if not (isinstance(module, nn.Dense) and context.method_name == "__call__"):
+      return out
+    path = owner.get(id(module.get_variable("params", "kernel")))
+    if path is None:
+      return out
+    reached.add(path)
+    a, b = factors[path]
+    x = (call_args[0] if call_args else kwargs["inputs"]).astype(jnp.float32)
+    return out + ((x @ a.astype(jnp.float32)) @ b.T.astype(jnp.float32)).astype(out.dtype)
+
+  with nn.intercept_methods(intercept):
+    loss = loss_fn(params, *args)
+  return loss, sorted(set(factors) - reached)
 
 
 def finish_task(subspace: Subspace, trainable: TaskState, task_id: Hashable) -> Subspace:

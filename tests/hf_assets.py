@@ -133,5 +133,7 @@ def glue_folder(directory: Path, n_train: int = 12, n_dev: int = 8, seed: int = 
         for i in range(n)
       ],
     )
+  with open(root / "STS-B" / "train.tsv", "a") as f:  # a real quirk: a row with an extra field
+    f.write("99\tmain-forums\t2015\t2015test\t0099\tnone\tnone\tthe cat\ta dog\textra\t4.250\n")
   (root / "CoLA" / "test.tsv").write_text("index\tsentence\n0\tthe cat sat .\n")  # no labels
   return root

@@ -211,6 +211,8 @@ def test_stray_numbered_entries_are_ignored_and_named(saved, capsys):
   (saved.directory / "9").write_text("not a version")
   assert saved.versions() == [1, 2]
   assert saved.strays() == ["007", "7", "9"]
+  with pytest.raises(CheckpointError, match=r"version 8 is not after the stray entries \['007'"):
+    saved.save(subspace_for(3), version=8)
   assert saved.save(subspace_for(3)) == 10  # numbered after every entry: nothing is overwritten
   assert saved.versions() == [1, 2, 10]
   assert_same(saved.restore(), subspace_for(3))

@@ -245,3 +245,21 @@ def test_integer_kernels_are_refused(planted):
     sj.task_params(params, sub, 0)
   with pytest.raises(sj.ShareError, match="has dtype int32: W"):
     sj.apply_lora(params, pl.lora_tree(2))
+
+
+def test_more_raw_errors_are_share_errors(planted):
+  pl, sub = planted
+  for rng in (None, 3):
+    with pytest.raises(sj.ShareError, match="begin_task 'n': rng must be a PRNG key"):
+      sj.begin_task(sub, "n", rng=rng)
+  with pytest.raises(sj.ShareError, match=r"task id 1.5 must be a str or an int"):
+    sj.begin_task(sub, 1.5, rng=jax.random.key(0))
+  state = sj.begin_task(sub, "n", rng=jax.random.key(0))
+  with pytest.raises(sj.ShareError, match=r"task id \['x'\] must be a str or an int"):
+    sj.finish_task(sub, state, ["x"])
+  bad = {"enc": {"l0": {"query": {"kernel": sj.LoRA("a", np.ones((2, 16)))}}}}
+  with pytest.raises(sj.ShareError, match=r"LoRA at 'enc/l0/query/kernel': factor a is a str"):
+    sj.apply_lora(pl.params, bad)
+  with pytest.raises(sj.ShareError, match="target must be a regex string or a predicate, got None"):
+    sj.empty_subspace(pl.params, None)
+  assert sub.task_ids == (0, 1)

@@ -82,6 +82,7 @@ def test_reader_handles_every_task_layout(glue_dir):
   assert sts.y_train[0] == pytest.approx(
     float((glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[1].split("\t")[-1])
   )
+  assert sts.x_train[-1] == ("the cat", "a dog") and sts.y_train[-1] == np.float32(4.25)
   assert by["RTE"].class_names == ("entailment", "not_entailment")
   assert len(by["SST-2"].x_test) == 8  # dev.tsv is the test split
 
@@ -156,6 +157,24 @@ def test_hf_backbone_frozen_prefix_gives_the_same_features(roberta_dir, glue_dir
   assert set(split.params) == {"encoder"} and set(split.params["encoder"]["layer"]) == {"1"}
 
 
+@needs_transformers
+def test_text_config_takes_a_model_dir(roberta_dir):
+  config = runner.resolve(quick_config("text_domains"))
+  config.model_dir = str(roberta_dir)
+  backbone = runner.make_backbone(config)
+  assert backbone.name.startswith("hf:roberta") and "max_len=16" in backbone.name
+  assert "encoder/layer/1/attention/self/value/kernel" in sj_paths(backbone.params)
+  config.backbone.frozen_layers = 3
+  with pytest.raises(ShareError, match=r"frozen_layers=3 must be in \[0, 2\)"):
+    runner.make_backbone(config)
+
+
+def sj_paths(params) -> set[str]:
+  from share_jax.paths import flatten_with_paths
+
+  return set(flatten_with_paths(params))
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -191,9 +210,9 @@ def test_regression_and_classification_tasks_train_together():
   """Per-task and joint LoRA on a classification task then a regression task (tiny BERT)."""
   from share_jax.experiments.backbones import tiny_bert_backbone
   from share_jax.experiments.data import Task
+  from share_jax.experiments.fitting import encode_task
   from share_jax.experiments.methods import METHODS, Context
   from share_jax.experiments.synthetic import synthetic_text_tasks
-  from share_jax.experiments.training import encode_task
 
   cls, other = synthetic_text_tasks(2, num_classes=2, n_train=8, n_test=8)
   reg = Task(
@@ -205,7 +224,7 @@ def test_regression_and_classification_tasks_train_together():
     ("score",),
     metric="pearson",
   )
-  config = runner.resolve(get_config("glue", "quick"))
+  config = runner.resolve(quick_config("glue"))
   config.methods = ("head_only", "lora_per_task", "lora_joint")
   backbone = tiny_bert_backbone(max_len=16, frozen_layers=1)
   tasks = [encode_task(backbone, t) for t in (cls, reg)]
@@ -220,8 +239,11 @@ def test_regression_and_classification_tasks_train_together():
       assert head["w"].shape == (backbone.feature_dim, 1)
 
 
-def get_config(name, arg=None):
+def quick_config(name):
+  """configs/<name>.py with ``quick=True``."""
   spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  config = module.get_config()
+  config.quick = True
+  return config

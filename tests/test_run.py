@@ -13,8 +13,9 @@ import share_jax as sj
 from share_jax.experiments import metrics, synthetic
 from share_jax.experiments import run as runner
 from share_jax.experiments.backbones import tiny_bert_backbone
+from share_jax.experiments.config import ALL_METHODS, STRICT_METHODS
+from share_jax.experiments.fitting import encode_task
 from share_jax.experiments.methods import METHODS, Context, Share
-from share_jax.experiments.training import encode_task
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 KEYS = {
@@ -64,6 +65,7 @@ def test_quick_config_end_to_end_on_synthetic_data(tmp_path, monkeypatch, capsys
     "--config.quick=True",
     "--config.quick_overrides.data.num_tasks=2",
     "--config.quick_overrides.backbone.frozen_layers=1",
+    "--config.all_methods=True",
   ]
   assert runner.main(argv) == 0
   printed = capsys.readouterr().out
@@ -71,7 +73,7 @@ def test_quick_config_end_to_end_on_synthetic_data(tmp_path, monkeypatch, capsys
   out = json.loads((tmp_path / "results.json").read_text())
   assert (tmp_path / "accuracy.png").stat().st_size > 1000
   results = out["methods"]
-  assert list(results) == list(get_config("text_domains").methods)
+  assert list(results) == list(ALL_METHODS)
   reference = np.diag(np.array(results["lora_per_task"]["acc_matrix"], float))
   for name, r in results.items():
     assert KEYS <= r.keys(), name
@@ -158,3 +160,10 @@ def test_a_failing_task_leaves_the_share_state_as_it_was(small):
   assert list(method.seen) == [0] and method.cost == cost
   method.learn(1, tasks[1])  # and the method goes on from there
   assert method.subspace.task_ids == (0, 1)
+
+
+def test_the_non_strict_methods_are_opt_in():
+  config = get_config("text_domains")
+  assert tuple(runner.resolve(config).methods) == STRICT_METHODS
+  config.all_methods = True
+  assert tuple(runner.resolve(config).methods) == ALL_METHODS

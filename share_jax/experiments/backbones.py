@@ -42,13 +42,16 @@ Inputs = dict[str, Any]
 
 
 def batched(fn: Callable[[Inputs], jax.Array], inputs: Inputs, batch_size: int) -> np.ndarray:
-  """``fn`` over fixed-size batches of ``inputs`` (the last one zero-padded, so one compilation),
-  concatenated on the host."""
+  """``fn`` over equal batches of ``inputs`` (at most ``batch_size`` rows, a multiple of 8, the
+  last one zero-padded: one compilation per call, little padding), concatenated on the host."""
   n = len(next(iter(inputs.values())))
+  count = -(-n // batch_size)
+  per_batch = -(-n // count)  # ceil
+  size = min(batch_size, -(-per_batch // 8) * 8)
   out = []
-  for start in range(0, n, batch_size):
-    rows = np.arange(start, min(start + batch_size, n))
-    pad = np.concatenate([rows, np.zeros(batch_size - len(rows), int)])
+  for start in range(0, n, size):
+    rows = np.arange(start, min(start + size, n))
+    pad = np.concatenate([rows, np.zeros(size - len(rows), int)])
     out.append(np.asarray(fn({k: v[pad] for k, v in inputs.items()}))[: len(rows)])
   return np.concatenate(out)
 

@@ -12,6 +12,9 @@ nothing is downloaded. Each task keeps its real quirks:
 - STS-B: ten columns, ``sentence1``, ``sentence2`` and a float ``score`` in [0, 5]; a regression
   head. Pearson (or Spearman).
 
+STS-B, RTE and QNLI rows may carry extra tab-separated fields (a few real rows do); their label
+is then the last field, as GLUE's reference processors read it.
+
 Pairs are ``(first, second)`` tuples in ``Task.x_*``; a backbone's tokenizer joins them with its
 separator. Files are read as GLUE's processors do: tab-separated, no quoting (sentences contain
 quote marks), rows with the wrong number of fields are errors naming file and line.
@@ -45,6 +48,7 @@ class GlueSpec:
   metric: str
   header: bool = True
   columns: int | None = None  # the number of fields every row must have (headerless files)
+  ragged: bool = False  # rows may carry extra fields; the label is then the last one
 
 
 SPECS = {
@@ -66,8 +70,11 @@ SPECS = {
     ("entailment", "not_entailment"),
     ("entailment", "not_entailment"),
     "accuracy",
+    ragged=True,
   ),
-  "STS-B": GlueSpec("STS-B", ("sentence1", "sentence2"), "score", (), ("similarity",), "pearson"),
+  "STS-B": GlueSpec(
+    "STS-B", ("sentence1", "sentence2"), "score", (), ("similarity",), "pearson", ragged=True
+  ),
   "QNLI": GlueSpec(
     "QNLI",
     ("question", "sentence"),
@@ -75,6 +82,7 @@ SPECS = {
     ("entailment", "not_entailment"),
     ("entailment", "not_entailment"),
     "accuracy",
+    ragged=True,
   ),
   "SST-2": GlueSpec(
     "SST-2", ("sentence",), "label", ("0", "1"), ("negative", "positive"), "accuracy"
@@ -103,11 +111,11 @@ def read_tsv(path: Path, spec: GlueSpec) -> tuple[list, np.ndarray]:
     index, width, first = {c: c for c in (*spec.text, spec.label)}, spec.columns, 1
   texts, labels = [], []
   for n, row in enumerate(rows, first):
-    if len(row) != width:
+    if len(row) < width or (len(row) > width and not spec.ragged):
       raise ShareError(f"{path}, line {n}: {len(row)} tab-separated fields, expected {width}")
     fields = tuple(row[index[c]] for c in spec.text)
     texts.append(fields[0] if len(fields) == 1 else fields)
-    labels.append(_label(row[index[spec.label]], spec, path, n))
+    labels.append(_label(row[-1 if len(row) > width else index[spec.label]], spec, path, n))
   if not texts:
     raise ShareError(f"{path}: no examples")
   dtype = np.int32 if spec.classes else np.float32

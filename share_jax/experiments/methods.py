@@ -32,9 +32,9 @@ import optax
 
 import share_jax as sj
 from share_jax.errors import ShareError
-from share_jax.experiments import training
+from share_jax.experiments import fitting
 from share_jax.experiments.backbones import Backbone, batched
-from share_jax.experiments.training import EncodedTask, Head
+from share_jax.experiments.fitting import EncodedTask, Head
 from share_jax.lora import apply_lora, lora_leaves
 
 
@@ -52,6 +52,11 @@ def head_size(head: Head) -> int:
   return sum(int(np.size(x)) for x in jax.tree.leaves(head))
 
 
+def lora_factors(lora: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """``{kernel path: (a (d_in, r), b (d_out, r))}`` with ΔW = a bᵀ, for ``sj.low_rank_loss``."""
+  return {path: (x.a * x.scale, x.b.T) for path, x in lora_leaves(lora).items()}
+
+
 def lora_size(lora: Any) -> int:
   return sum(int(np.size(x.a)) + int(np.size(x.b)) for x in lora_leaves(lora).values())
 
@@ -62,14 +67,16 @@ class Context:
 
   def __init__(self, backbone: Backbone, config, seed: int):
     self.backbone, self.config, self.seed = backbone, config, seed
-    self.loss = training.classification_loss(backbone.features)
+    self.loss = fitting.classification_loss(backbone.features)
     self.features = jax.jit(backbone.features)
     self.predict = jax.jit(
-      lambda params, head, inputs: training.logits(head, backbone.features(params, inputs))
+      lambda params, head, inputs: fitting.logits(head, backbone.features(params, inputs))
     )
     self.lora_optimizer = optax.adam(config.lora.lr)
-    self.lora_step = training.make_step(
-      lambda tr, params, batch: self.loss(apply_lora(params, tr["lora"]), tr["head"], batch),
+    self.lora_step = sj.make_step(
+      lambda tr, params, batch: sj.low_rank_loss(
+        self.loss, params, lora_factors(tr["lora"]), tr["head"], batch
+      ),
       self.lora_optimizer,
     )
     self._share_steps: dict = {}
@@ -81,8 +88,8 @@ class Context:
     return key
 
   def fit(self, step, optimizer, trainable, data, *, epochs: int, desc: str, salt: int = 0):
-    """Trains ``trainable`` with a fresh optimizer state on ``data`` (see ``training.fit``)."""
-    trainable, _ = training.fit(
+    """Trains ``trainable`` with a fresh optimizer state on ``data`` (see ``fitting.fit``)."""
+    trainable, _ = fitting.fit(
       step,
       trainable,
       optimizer.init(trainable),
@@ -95,12 +102,12 @@ class Context:
     return trainable
 
   def accuracy(self, params: Any, head: Head, task: EncodedTask) -> float:
-    return training.accuracy(self.predict, params, head, task, self.config.train.eval_batch_size)
+    return fitting.accuracy(self.predict, params, head, task, self.config.train.eval_batch_size)
 
   def init_head(self, task: EncodedTask) -> Head:
     """Zeros: the adapter and the head learn together (a head warm-started by the probe fits
     small training sets almost exactly and leaves the adapter nothing to learn)."""
-    return training.zero_head(self.backbone.feature_dim, task.num_classes)
+    return fitting.zero_head(self.backbone.feature_dim, task.num_classes)
 
   def train_lora(self, i: int, task: EncodedTask, lora: Any, desc: str) -> tuple[Any, Head]:
     """(LoRA, head) trained on task i; ``lora=None`` starts a fresh LoRA."""
@@ -150,14 +157,14 @@ def train_probe(feats: jax.Array, y: jax.Array, *, num_classes: int, steps: int,
   opt = optax.adam(lr)
 
   def loss(head):
-    return training.head_loss(training.logits(head, feats), y)
+    return fitting.head_loss(fitting.logits(head, feats), y)
+
+  step = sj.make_step(loss, opt)
 
   def body(carry, _):
-    head, state = carry
-    updates, state = opt.update(jax.grad(loss)(head), state)
-    return (optax.apply_updates(head, updates), state), None
+    return step(*carry)[:2], None
 
-  head = training.zero_head(feats.shape[1], num_classes)
+  head = fitting.zero_head(feats.shape[1], num_classes)
   (head, _), _ = jax.lax.scan(body, (head, opt.init(head)), length=steps)
   return head
 
@@ -220,8 +227,8 @@ class HeadOnly(Method):
   def evaluate(self, j, task):
     if j not in self.heads:
       raise self.unknown(j, self.heads)
-    out = np.asarray(training.logits(self.heads[j], self.test_features[j]))
-    return training.score_outputs(task, out)
+    out = np.asarray(fitting.logits(self.heads[j], self.test_features[j]))
+    return fitting.score_outputs(task, out)
 
 
 class LoRAPerTask(Method):
@@ -289,15 +296,18 @@ class LoRAJoint(LoRASequential):
       "heads": jax.tree.map(lambda *x: jnp.stack(x), *heads),
     }
 
-    def loss(tr, params, batch):
-      feats = ctx.backbone.features(apply_lora(params, tr["lora"]), batch["inputs"])
-      w, b = tr["heads"]["w"][batch["task"]], tr["heads"]["b"][batch["task"]]
+    def heads_loss(params, heads, batch):
+      feats = ctx.backbone.features(params, batch["inputs"])
+      w, b = heads["w"][batch["task"]], heads["b"][batch["task"]]
       out = jnp.einsum("bh,bhc->bc", feats, w) + b
       if jnp.issubdtype(batch["y"].dtype, jnp.integer):  # classes beyond the task's: masked
         out = jnp.where(valid[batch["task"]], out, -1e9)
-      return training.head_loss(out, batch["y"])
+      return fitting.head_loss(out, batch["y"])
 
-    step = bind(training.make_step(loss, ctx.lora_optimizer), ctx.backbone.params)
+    def loss(tr, params, batch):
+      return sj.low_rank_loss(heads_loss, params, lora_factors(tr["lora"]), tr["heads"], batch)
+
+    step = bind(sj.make_step(loss, ctx.lora_optimizer), ctx.backbone.params)
     data = [
       (t.x_train, t.y_train, {"task": np.full(len(t.y_train), i)}) for i, t in enumerate(tasks)
     ]
@@ -315,7 +325,7 @@ class LoRAJoint(LoRASequential):
 
 
 def pad_head(head: Head, num_classes: int) -> Head:
-  extra = num_classes - training.head_classes(head)
+  extra = num_classes - fitting.head_classes(head)
   return {"w": jnp.pad(head["w"], ((0, 0), (0, extra))), "b": jnp.pad(head["b"], (0, extra))}
 
 

@@ -4,7 +4,8 @@
     python -m share_jax.run --config configs/text_domains.py --workdir /tmp/q --config.quick=True
 
 Writes ``WORKDIR/results.json`` (per method: accuracy matrix in percent, ACC, BWT, forgetting,
-FWT, parameters and bytes per task, wall time, strictness) and ``WORKDIR/accuracy.png``, and
+FWT, parameters and bytes per task, wall time, strictness), ``WORKDIR/accuracy.png`` and, for
+Share and per-task LoRA, ``WORKDIR/diagnostics_<method>/`` (``share_jax.diagnostics``), and
 prints a comparison table. Metrics are defined in ``share_jax.experiments.metrics``.
 """
 
@@ -31,22 +32,27 @@ from share_jax import diagnostics
 from share_jax.errors import ShareError
 from share_jax.experiments import backbones, glue, hf_backbone, report, synthetic
 from share_jax.experiments import data as datasets
+from share_jax.experiments.config import ALL_METHODS
+from share_jax.experiments.fitting import EncodedTask, check_task, encode_task
 from share_jax.experiments.methods import METHODS, Context, Method
 from share_jax.experiments.plots import plot_accuracy
-from share_jax.experiments.training import EncodedTask, check_task, encode_task
 from share_jax.lora import select_kernels
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where results.json and accuracy.png go.")
 
 VISION = "share_jax.experiments.vision"
+EFFICIENTNET = "share_jax.experiments.vision_efficientnet"
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """An unlocked copy, with ``quick_overrides`` applied when ``quick`` is set."""
+  """An unlocked copy, with ``quick_overrides`` applied when ``quick`` is set and every method
+  when ``all_methods`` is."""
   config = ml_collections.ConfigDict(config.to_dict())
   if config.quick:
     config.update(config.quick_overrides)
+  if config.get("all_methods"):
+    config.methods = ALL_METHODS
   return config
 
 
@@ -60,6 +66,9 @@ def load_tasks(config) -> tuple[list, str]:
       d.get("splits", datasets.tasks.BBC_CLASS_INCREMENTAL), **sizes, seed=seed
     ),
     "split_fashion_mnist": lambda: datasets.split_fashion_mnist(**sizes, seed=seed),
+    "fashion_then_mnist": lambda: importlib.import_module(EFFICIENTNET).fashion_then_mnist(
+      **sizes, seed=seed
+    ),
     "glue": lambda: glue.glue_sequence(
       config.get("data_dir"),
       d.tasks,
@@ -78,7 +87,7 @@ def load_tasks(config) -> tuple[list, str]:
       raise
     make = (
       synthetic.synthetic_image_tasks
-      if d.name == "split_fashion_mnist"
+      if d.name in ("split_fashion_mnist", "fashion_then_mnist")
       else synthetic.synthetic_text_tasks
     )
     tasks = make(
@@ -104,8 +113,12 @@ def make_backbone(config) -> backbones.Backbone:
     except ModuleNotFoundError as e:
       raise ShareError(f"backbone 'vit' needs {VISION}.vit_backbone, not available: {e}") from e
     backbone = vision.vit_backbone(**kwargs)
+  elif name == "efficientnet":
+    backbone = importlib.import_module(EFFICIENTNET).efficientnet_backbone(**kwargs)
   else:
-    raise ShareError(f"unknown backbone.name {name!r}; known: hf, minilm, tiny_bert, vit")
+    raise ShareError(
+      f"unknown backbone.name {name!r}; known: hf, minilm, tiny_bert, vit, efficientnet"
+    )
   if config.target:
     backbone = dataclasses.replace(backbone, target=config.target)
   try:

@@ -30,7 +30,7 @@ import optax
 
 import share_jax as sj
 from share_jax import peft_io
-from share_jax.experiments import backbones, training, zoo
+from share_jax.experiments import backbones, fitting, zoo
 from share_jax.experiments.backbones import Backbone, Inputs
 
 # Flax kernel paths "params/layer_{i}/attention/{query,value}/kernel" ↔ BERT-style PEFT modules.
@@ -104,13 +104,13 @@ def encode_universe(backbone: Backbone, universe, path: Path) -> Inputs:
   return inputs
 
 
-def encoded(task: zoo.ZooTask, inputs: Inputs) -> training.EncodedTask:
-  return training.EncodedTask(
+def encoded(task: zoo.ZooTask, inputs: Inputs) -> fitting.EncodedTask:
+  return fitting.EncodedTask(
     task.name,
     task.spec.num_classes,
-    training.take(inputs, task.train),
+    fitting.take(inputs, task.train),
     task.y_train,
-    training.take(inputs, task.test),
+    fitting.take(inputs, task.test),
     task.y_test,
   )
 
@@ -122,23 +122,23 @@ class Evaluator:
   def __init__(self, backbone: Backbone, eval_batch: int = 128):
     self.backbone, self.eval_batch = backbone, eval_batch
     self.predict = jax.jit(
-      lambda params, head, x: jnp.argmax(training.logits(head, backbone.features(params, x)), -1)
+      lambda params, head, x: jnp.argmax(fitting.logits(head, backbone.features(params, x)), -1)
     )
 
-  def predictions(self, lora: Any, head: training.Head, task: training.EncodedTask) -> np.ndarray:
+  def predictions(self, lora: Any, head: fitting.Head, task: fitting.EncodedTask) -> np.ndarray:
     """(N_test,) predicted labels."""
     params = self.backbone.params if lora is None else sj.apply_lora(self.backbone.params, lora)
     return backbones.batched(lambda x: self.predict(params, head, x), task.x_test, self.eval_batch)
 
-  def accuracy(self, lora: Any, head: training.Head, task: training.EncodedTask) -> float:
+  def accuracy(self, lora: Any, head: fitting.Head, task: fitting.EncodedTask) -> float:
     return float(np.mean(self.predictions(lora, head, task) == task.y_test))
 
 
-def to_peft_head(head: training.Head) -> dict:
+def to_peft_head(head: fitting.Head) -> dict:
   return {HEAD: {"kernel": np.asarray(head["w"]), "bias": np.asarray(head["b"])}}
 
 
-def from_peft_head(heads: dict) -> training.Head:
+def from_peft_head(heads: dict) -> fitting.Head:
   return {"w": jnp.asarray(heads[HEAD]["kernel"]), "b": jnp.asarray(heads[HEAD]["bias"])}
 
 
@@ -147,7 +147,7 @@ class LoadedZoo:
   settings: Settings
   zoo: zoo.Zoo
   backbone: Backbone
-  tasks: list[training.EncodedTask]
+  tasks: list[fitting.EncodedTask]
   rows: list[dict]
   directory: Path
 
@@ -195,9 +195,9 @@ def train_zoo(s: Settings, directory: str | Path, data_dir=None, log=None) -> Lo
     raise ValueError(f"{manifest} was made with other settings; use another directory")
   done = {r["name"]: r for r in lz.rows if lz.adapter_dir(r["name"]).is_dir()}
   ev = Evaluator(lz.backbone)
-  loss = training.classification_loss(lz.backbone.features)
+  loss = fitting.classification_loss(lz.backbone.features)
   opt = optax.adam(s.lr)
-  step = training.make_step(
+  step = sj.make_step(
     lambda tr, params, batch: loss(sj.apply_lora(params, tr["lora"]), tr["head"], batch), opt
   )
   rows = []
@@ -211,9 +211,9 @@ def train_zoo(s: Settings, directory: str | Path, data_dir=None, log=None) -> Lo
     lora = sj.init_lora_tree(lz.backbone.params, lz.backbone.target, rank=s.rank, rng=key)
     trainable = {
       "lora": lora,
-      "head": training.zero_head(lz.backbone.feature_dim, task.num_classes),
+      "head": fitting.zero_head(lz.backbone.feature_dim, task.num_classes),
     }
-    trainable, _ = training.fit(
+    trainable, _ = fitting.fit(
       lambda tr, o, b: step(tr, o, lz.backbone.params, b),
       trainable,
       opt.init(trainable),

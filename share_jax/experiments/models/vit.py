@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import share_jax as sj
 from share_jax.experiments.models.bert import SelfAttention
 
 
@@ -118,11 +119,7 @@ def pretrain_vit(
     logits = head.apply(params["head"], model.apply(params["backbone"], x))
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  @jax.jit
-  def step(params, opt_state, x, y):
-    grads = jax.grad(loss_fn)(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  step = sj.make_step(loss_fn, tx)
 
   rng = np.random.default_rng(seed)
   order, pos = rng.permutation(len(images)), 0
@@ -132,5 +129,5 @@ def pretrain_vit(
     idx = order[pos : pos + batch_size]
     pos += batch_size
     x = jnp.asarray(images[idx], jnp.float32)
-    params, opt_state = step(params, opt_state, x, jnp.asarray(labels[idx], jnp.int32))
+    params, opt_state, _ = step(params, opt_state, x, jnp.asarray(labels[idx], jnp.int32))
   return params["backbone"]

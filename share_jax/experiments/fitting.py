@@ -135,19 +135,6 @@ def fit(
   return trainable, opt_state
 
 
-def make_step(loss: Callable[[Any, Any, dict], jax.Array], optimizer) -> Callable:
-  """A jitted ``step(trainable, opt_state, params, batch)`` minimising ``loss(trainable, params,
-  batch)``."""
-
-  @jax.jit
-  def step(trainable, opt_state, params, batch):
-    value, grads = jax.value_and_grad(loss)(trainable, params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, value
-
-  return step
-
-
 def score_outputs(task: EncodedTask, out: np.ndarray) -> float:
   """The task's metric of head outputs (N, C) on its test split: argmax classes, or the single
   output of a regression head."""
