@@ -90,7 +90,8 @@ class Variant:
 
   def cost(self) -> tuple[float, float]:
     """(GFLOP, GB accessed) of the compiled step, from XLA's cost analysis."""
-    jitted = getattr(self.step, "__wrapped__", self.step)  # make_train_step wraps its jit
+    # make_train_step's step wraps a jitted one (it strips the state's static origin)
+    jitted = self.step if hasattr(self.step, "lower") else self.step.__wrapped__
     cost = jitted.lower(*self.state[:2], *self.args).compile().cost_analysis()
     return cost["flops"] / 1e9, cost["bytes accessed"] / 1e9
 
