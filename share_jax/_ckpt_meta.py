@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from share_jax.errors import CheckpointError, ShareError
+from share_jax.fidelity import relative_errors
 from share_jax.paths import flatten_with_paths, join_path, nest
 from share_jax.subspace import SIDES, FactorGroup, KernelSpec, Layout, Subspace, SubspaceConfig
 
@@ -59,7 +60,8 @@ class CheckpointMeta:
 
   ``task_meta``: per task (learning order) the JSON given to ``save`` or ``None``;
   ``heads``: indices of the tasks that have a head; ``base``: the base model's fingerprint
-  (``None`` when saved without one).
+  (``None`` when saved without one); ``task_errors``: per task the relative ΔW error
+  ``sj.task_errors`` reported when saved (informative: the arrays carry the record itself).
   """
 
   library_version: str
@@ -72,6 +74,7 @@ class CheckpointMeta:
   arrays: Mapping[str, ArrayRecord]
   heads: tuple[int, ...]
   base: Mapping[str, str] | None
+  task_errors: tuple[float, ...]
 
   def meta_of(self, task_id: Hashable) -> Any:
     """The metadata of one task (``None`` if none was given)."""
@@ -97,6 +100,7 @@ class CheckpointMeta:
       },
       "heads": list(self.heads),
       "base": dict(self.base) if self.base is not None else None,
+      "task_errors": [float(e) for e in self.task_errors],
     }
     try:
       body = json.loads(json.dumps(body))  # JSON's own view (str keys, lists), as read back
@@ -186,6 +190,15 @@ def _record(body: dict) -> CheckpointMeta:
     base is None or (isinstance(base, dict) and all(isinstance(v, str) for v in base.values())),
     "base is not a fingerprint",
   )
+  errors = body["task_errors"]
+  need(
+    isinstance(errors, list)
+    and len(errors) == len(task_ids)
+    and all(
+      isinstance(e, int | float) and not isinstance(e, bool) and 0 <= e < 1e30 for e in errors
+    ),
+    f"task_errors does not hold one error >= 0 per task ({len(task_ids)})",
+  )
   return CheckpointMeta(
     library_version=body["library_version"],
     saved_at=body["saved_at"],
@@ -197,6 +210,7 @@ def _record(body: dict) -> CheckpointMeta:
     arrays=arrays,
     heads=tuple(heads),
     base=base,
+    task_errors=tuple(float(e) for e in errors),
   )
 
 
@@ -356,6 +370,7 @@ def describe(
     arrays={p: ArrayRecord(tuple(x.shape), x.dtype.name, sha256(x)) for p, x in arrays.items()},
     heads=tuple(sorted(subspace.task_index(t) for t in subspace.heads)),
     base=base,
+    task_errors=tuple(float(e) for e in relative_errors(subspace)),
   )
 
 

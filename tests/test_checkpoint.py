@@ -92,6 +92,8 @@ def test_save_restore_round_trip(tmp_path, subspaces):
   assert {(r.path, r.side): r.k for r in meta.ranks} == s2.ranks()
   assert all(0 < r.energy <= 1 for r in meta.ranks)
   assert meta.config == s2.config and meta.layout == s2.layout
+  errors = sj.task_errors(s2)
+  np.testing.assert_allclose(meta.task_errors, [errors["a"], errors[7]], rtol=1e-6)
 
 
 def test_fingerprint_names_differences():
