@@ -157,6 +157,7 @@ def main(argv=None) -> None:
     "| mean error reported / true |",
     "|---|---|---|---|---|---|",
   ]
+  print("\n".join(lines), flush=True)
   for name, params, loras in sets:
     for rule in rules:
       lines.append(row(f"{name} ({len(loras)})", params, loras, rule))
