@@ -24,6 +24,7 @@ from absl import app, flags
 
 from share_jax.experiments import run as runner
 
+_CONFIG, _WORKDIR = runner.define_flags(flags.FLAGS)
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
 _RESULTS = flags.DEFINE_string(
   "results", str(Path(__file__).parent / "RESULTS.md"), "Markdown file to append to."
@@ -72,7 +73,7 @@ def section(runs: list[dict], command: str) -> str:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  config, workdir, seeds = flags.FLAGS.config, flags.FLAGS.workdir, _SEEDS.value
+  config, workdir, seeds = _CONFIG.value, _WORKDIR.value, _SEEDS.value
   if _QUICK.value:
     config.quick, config.quick_overrides.data.num_tasks, seeds = True, 2, seeds[:1]
   elif workdir is None:

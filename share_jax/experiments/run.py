@@ -38,8 +38,17 @@ from share_jax.experiments.methods import METHODS, Context, Method
 from share_jax.experiments.plots import plot_accuracy
 from share_jax.lora import select_kernels
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where results.json and accuracy.png go.")
+
+def define_flags(flag_values: flags.FlagValues) -> tuple[flags.FlagHolder, flags.FlagHolder]:
+  """``--config`` (with its ``--config.*`` overrides) and ``--workdir`` on ``flag_values``."""
+  config = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config (configs/*.py).", flag_values=flag_values
+  )
+  workdir = flags.DEFINE_string(
+    "workdir", None, "Where results.json and accuracy.png go.", flag_values=flag_values
+  )
+  return config, workdir
+
 
 VISION = "share_jax.experiments.vision"
 EFFICIENTNET = "share_jax.experiments.vision_efficientnet"
@@ -232,16 +241,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point (``share-jax run`` calls it): ``argv`` are the flags, default
   ``sys.argv[1:]``. Returns the exit status."""
   full = ["share_jax.run", *(sys.argv[1:] if argv is None else argv)]
+  fresh = flags.FlagValues()  # per call: a second run in one process redefines nothing
+  config, workdir = define_flags(fresh)
   saved, sys.argv = sys.argv, full  # config_flags finds the --config.* overrides in sys.argv
   try:
-    rest = flags.FLAGS(full)
+    rest = fresh(full)
   finally:
     sys.argv = saved
   if len(rest) > 1:
     raise SystemExit(f"unexpected arguments {rest[1:]}")
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if config.value is None or workdir.value is None:
     raise SystemExit("usage: python -m share_jax.run --config configs/NAME.py --workdir DIR")
-  run(_CONFIG.value, _WORKDIR.value)
+  run(config.value, workdir.value)
   return 0
 
 
