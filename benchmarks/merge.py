@@ -118,11 +118,16 @@ def block(sub: sj.Subspace) -> sj.Subspace:
 
 def build(shape: Shape, ts: list[int], chunk: int, seed: int, log) -> tuple[Planted, dict]:
   """Subspaces holding each T in ``ts`` tasks: one init, then absorbs of ``chunk`` LoRAs at a time
-  (capacities grow in buckets as in real use). Returns the generator and ``{T: subspace}``."""
+  (capacities grow in buckets as in real use); a T above 1000 repeats the tasks of the largest
+  T <= 1000 built (``tiled``). Returns the generator and ``{T: subspace}``."""
   gen = Planted(shape, seed)
   sub, count, snaps = None, 0, {}
   t0 = time.perf_counter()
   for target in sorted(ts):
+    if target > 1000 and sub is not None:
+      snaps[target] = block(tiled(sub, target))
+      log(f"  tiled T={target} ({time.perf_counter() - t0:.1f} s so far)")
+      continue
     while count < target:
       n = min(chunk, target - count)
       ids = list(range(count, count + n))
@@ -134,6 +139,26 @@ def build(shape: Shape, ts: list[int], chunk: int, seed: int, log) -> tuple[Plan
     snaps[target] = block(sub)
     log(f"  built T={target} ({time.perf_counter() - t0:.1f} s so far)")
   return gen, snaps
+
+
+def tiled(sub: sj.Subspace, t: int) -> sj.Subspace:
+  """``sub``'s tasks repeated t / T times (same bases; scatter scaled to match; capacity the
+  power of two >= t): a state of t tasks at a fraction of the cost of absorbing them."""
+  n = sub.num_tasks
+  if t % n:
+    raise SystemExit(f"--T {t} must be a multiple of {n} to be tiled from it")
+  reps, cap = t // n, 1 << (t - 1).bit_length()
+  groups = {}
+  for g, grp in sub.groups.items():
+    coef = np.tile(np.asarray(grp.coef[:, :n]), (1, reps, 1, 1))
+    ncols = np.tile(np.asarray(grp.ncols[:n]), (reps, 1))
+    groups[g] = grp.replace(
+      coef=jax.numpy.asarray(np.pad(coef, ((0, 0), (0, cap - t), (0, 0), (0, 0)))),
+      ncols=jax.numpy.asarray(np.pad(ncols, ((0, cap - t), (0, 0)))),
+      scatter=grp.scatter * np.sqrt(reps),
+    )
+  ids = [f"{i}-{j}" for j in range(reps) for i in sub.task_ids]
+  return sj.Subspace.create(groups, sub.layout, tuple(ids), sub.config)
 
 
 def blas_threads(n: int | dict[str, int] | None = None) -> dict[str, int]:
@@ -488,7 +513,9 @@ def table(rows: list[dict]) -> str:
 
 def parse(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--T", type=int, nargs="+", default=[10, 100, 1000], help="tasks already held")
+  p.add_argument(
+    "--T", type=int, nargs="+", default=[10, 100, 1000], help="tasks already held (> 1000: tiled)"
+  )
   p.add_argument("--shapes", default="roberta,7b", help=f"comma list of {sorted(SHAPES)}")
   p.add_argument("--reps", type=int, default=7, help="timed share_jax repetitions (median)")
   p.add_argument("--baseline-reps", type=int, default=3, help="max timed reps per baseline cell")

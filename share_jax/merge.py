@@ -1,8 +1,9 @@
 """The jitted per-group merge: new bases from old tasks plus new factor columns, in the small span.
 
 Every column of the stack [β ε_1, …, β ε_T, X_new] lies in span([β, Q_x]), where Q_x holds the
-directions of X_new that β lacks (``_extend``: block Gram–Schmidt against the orthonormal β, so β
-is never re-factorised). In those coordinates an old task is its own coefficients ε_i and the new
+directions of X_new that β lacks (``small_space``: block Gram–Schmidt against the orthonormal β,
+so β is not re-factorised, or for a large batch a Householder QR of [β, X_new]). In those
+coordinates an old task is its own coefficients ε_i and the new
 columns are Y = [βᵀX; Q_xᵀX]. The group keeps a factor S of the old coefficients' scatter
 (S Sᵀ = Σ (ε − μ)(ε − μ)ᵀ), so the centred stack has the same left singular vectors as the small
 matrix (as in sklearn's IncrementalPCA)
@@ -90,6 +91,30 @@ def _extend(basis: jax.Array, cols: jax.Array) -> tuple[jax.Array, jax.Array, ja
   return q, c1 + c2, mm("dm,dn->mn", q, cols)
 
 
+def _householder(basis: jax.Array, cols: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(Q, Y) of a Householder QR [basis, cols] = Q R, with the signs of Q's first K columns set so
+  that R's basis block is the identity (β is orthonormal): old coordinates stay as they are."""
+  k = basis.shape[1]
+  q, r = jnp.linalg.qr(jnp.concatenate([basis, cols], axis=1), mode="reduced")
+  sign = jnp.where(jnp.diagonal(r)[:k] < 0, -1.0, 1.0)
+  return q.at[:, :k].multiply(sign), r[:, k:].at[:k].multiply(sign[:, None])
+
+
+def small_space(basis: jax.Array, cols: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """An orthonormal Q (d, n) whose first K columns are ``basis`` (d, K) and whose span holds
+  ``cols`` (d, M), and the columns' coordinates Y (n, M) in it: cols = Q Y. By Gram–Schmidt
+  (``_extend``) where that is cheaper than a Householder QR of [basis, cols] (few new columns),
+  else by the QR (a batch of many adapters)."""
+  d, k = basis.shape
+  m = cols.shape[1]
+  gram_schmidt = 8 * d * k * m + 5 * d * m * m + 22 * m**3
+  householder = 4 * d * (k + m) ** 2 - (4 * (k + m) ** 3) // 3
+  if gram_schmidt >= householder:
+    return _householder(basis, cols)
+  q_x, c, r_x = _extend(basis, cols)
+  return jnp.concatenate([basis, q_x], axis=1), jnp.concatenate([c, r_x], axis=0)
+
+
 def _stack_factors(scatter, coef_sum, n_old, y, y_valid, center: bool):
   """(F, G): F Fᵀ is the (centred) scatter of all columns in the small space [basis, Q_x], G Gᵀ
   the uncentred one. ``scatter`` (K, K), ``coef_sum`` (K,) and ``n_old`` of the stored columns;
@@ -155,9 +180,7 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   m, _, p = x.shape
   cols = jnp.transpose(x, (1, 0, 2)).reshape(d, m * p)
   y_valid = (jnp.arange(p)[None, :] < x_ncols[:, None]).reshape(m * p)
-  q_x, c, r_x = _extend(basis, cols)
-  q = jnp.concatenate([basis, q_x], axis=1)
-  y = jnp.concatenate([c, r_x], axis=0)  # the new columns in the small space (n, m·p)
+  q, y = small_space(basis, cols)  # old tasks' coordinates are their coefficients
   n = q.shape[1]
   n_old = jnp.sum(ncols).astype(jnp.float32)
   f, g = _stack_factors(scatter, jnp.sum(coef, axis=(0, 2)), n_old, y, y_valid, rule.center)
