@@ -156,7 +156,7 @@ def _rotation(f: jax.Array, g: jax.Array, center: bool) -> jax.Array:
 
 def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
   """The k (>= 1, <= limit) that the rule asks for, given the rotation's column energies (n,) and
-  the tasks' rotated coordinates ``w`` (T, n, P)."""
+  the tasks' rotated coordinates ``w`` (n, T, P)."""
   if rule.kind == "k":
     return jnp.asarray(min(int(rule.value), rule.limit), jnp.int32)
   if rule.kind == "explained_variance":
@@ -164,7 +164,7 @@ def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
     cum = jnp.cumsum(c)
     want = 1 + jnp.sum(cum[:-1] < rule.value * cum[-1])
   else:  # max_task_error: per task, this side's share of the budget (fidelity module doc)
-    drop = jnp.einsum("tip,tpq,tiq->ti", w, partner, w, precision=HIGHEST)
+    drop = jnp.einsum("itp,tpq,itq->ti", w, partner, w, precision=HIGHEST)
     suffix = jnp.cumsum(drop[:, ::-1], axis=1)[:, ::-1]  # Σ_{i >= k}, no cancellation
     suffix = jnp.concatenate([suffix, jnp.zeros_like(suffix[:, :1])], axis=1)
     own = jnp.sum(drop, axis=1)  # ‖ΔW_kernel‖² (the rotation is orthonormal)
@@ -175,7 +175,7 @@ def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
 
 
 def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *, k_out, rule):
-  """One (kernel, side) slot. basis (d, K), coef (T, K, P), partner (T, P, P), x (m, d, P)."""
+  """One (kernel, side) slot. basis (d, K), coef (K, T, P), partner (T, P, P), x (m, d, P)."""
   d, k_in = basis.shape
   m, _, p = x.shape
   cols = jnp.transpose(x, (1, 0, 2)).reshape(d, m * p)
@@ -183,10 +183,10 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   q, y = small_space(basis, cols)  # old tasks' coordinates are their coefficients
   n = q.shape[1]
   n_old = jnp.sum(ncols).astype(jnp.float32)
-  f, g = _stack_factors(scatter, jnp.sum(coef, axis=(0, 2)), n_old, y, y_valid, rule.center)
+  f, g = _stack_factors(scatter, jnp.sum(coef, axis=(1, 2)), n_old, y, y_valid, rule.center)
   v = _rotation(f, g, rule.center)
-  w = mm("ki,tkp->tip", v[:k_in], coef)  # old tasks' coordinates are their coefficients
-  w = jax.lax.dynamic_update_slice_in_dim(w, mm("ni,nmp->mip", v, y.reshape(n, m, p)), start, 0)
+  w = mm("ki,ktp->itp", v[:k_in], coef)  # one GEMM: (n, K) x (K, T·P)
+  w = jax.lax.dynamic_update_slice_in_dim(w, mm("ni,nmp->imp", v, y.reshape(n, m, p)), start, 1)
   energies = jnp.sum(mm("ni,nc->ic", v, f) ** 2, axis=1)
   size = max(f.shape)
   kept_g = jnp.sum(mm("ni,nc->ic", v, g) ** 2, axis=1)
@@ -195,16 +195,17 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   want = _want(rule, energies, w, partner, beta, size)
   k_sel = jnp.minimum(jnp.minimum(want, min(k_out, n)), jnp.maximum(rank, 1))
   keep = (jnp.arange(n) < k_sel).astype(jnp.float32)
-  drop = w * (1.0 - keep)[None, :, None]
-  res = mm("tip,tiq->tpq", drop, drop)
-  kept = w - drop
+  # Per task, the Grams of the part kept and the part dropped, as one fused reduction over i.
+  outer = w[:, :, :, None] * w[:, :, None, :]
+  kept_gram = jnp.sum(outer * keep[:, None, None, None], axis=0)
+  res = jnp.sum(outer * (1.0 - keep)[:, None, None, None], axis=0)
   v_k = jnp.pad(v * keep, ((0, 0), (0, max(k_out - n, 0))))[:, :k_out]
   new_basis = mm("dn,nk->dk", q, v_k)
   flip = svd_flip_columns(new_basis)
   new_basis, v_k = new_basis * flip, v_k * flip
-  kept_gram = mm("tip,tiq->tpq", kept, kept)
-  new_coef = jnp.pad(kept, ((0, 0), (0, max(k_out - n, 0)), (0, 0)))[:, :k_out]
-  new_coef = new_coef * flip[None, :, None]
+  keep_out = jnp.pad(keep, (0, max(k_out - n, 0)))[:k_out]
+  new_coef = jnp.pad(w, ((0, max(k_out - n, 0)), (0, 0), (0, 0)))[:k_out]
+  new_coef = new_coef * (flip * keep_out)[:, None, None]
   proj = mm("nk,nc->ck", v_k, f)  # (c, K): S Sᵀ = projᵀ proj
   proj = jnp.pad(proj, ((0, max(k_out - proj.shape[0], 0)), (0, 0)))
   new_scatter = jnp.linalg.qr(proj, mode="r").T
@@ -228,7 +229,7 @@ def merge_group(
   """Fold new factor columns into a group and re-project every stored task.
 
   Args:
-    group: bases (L, d, K), coefficients (L, T, K, P) of the tasks already held.
+    group: bases (L, d, K), coefficients (L, K, T, P) of the tasks already held.
     x: new tasks' factor columns (m, L, d, P), zero-padded; ``x_ncols`` (m, L) their counts.
     start: task row where the m new tasks go (``start + m <= T``).
     partner: (T, L, P, P) Grams of the other side of each row's kernel, before the merge (new
@@ -264,15 +265,15 @@ def merge_group(
 def scatter_factor(coef: jax.Array, ncols: jax.Array, *, center: bool) -> jax.Array:
   """S with S Sᵀ = the (centred) scatter of all stored coefficient columns.
 
-  (L, T, K, P) coefficients, (T, L) column counts → (L, K, K).
+  (L, K, T, P) coefficients, (T, L) column counts → (L, K, K).
 
   Needed after coefficients change outside a merge (fine-tuning); the Gram route loses directions
   below ~1e-7 of the largest, which only fine-tuned (hence perturbed) coefficients can have.
   """
-  gram = mm("ltkp,ltjp->lkj", coef, coef)
+  gram = mm("lktp,ljtp->lkj", coef, coef)
   if center:
     n = jnp.maximum(jnp.sum(ncols, axis=0), 1).astype(jnp.float32)
-    s = jnp.sum(coef, axis=(1, 3))
+    s = jnp.sum(coef, axis=(2, 3))
     gram = gram - s[:, :, None] * s[:, None, :] / n[:, None, None]
   lam, v = jnp.linalg.eigh(0.5 * (gram + jnp.swapaxes(gram, 1, 2)))
   return v * jnp.sqrt(jnp.maximum(lam, 0.0))[:, None, :]
