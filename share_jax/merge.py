@@ -195,10 +195,11 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   want = _want(rule, energies, w, partner, beta, size)
   k_sel = jnp.minimum(jnp.minimum(want, min(k_out, n)), jnp.maximum(rank, 1))
   keep = (jnp.arange(n) < k_sel).astype(jnp.float32)
-  # Per task, the Grams of the part kept and the part dropped, as one fused reduction over i.
-  outer = w[:, :, :, None] * w[:, :, None, :]
-  kept_gram = jnp.sum(outer * keep[:, None, None, None], axis=0)
-  res = jnp.sum(outer * (1.0 - keep)[:, None, None, None], axis=0)
+  # Per task, the Grams of the part kept and the part dropped.
+  by_task = jnp.transpose(w, (1, 0, 2))  # (T, n, P): batched p × p Grams over a contiguous n
+  kept_part, drop_part = by_task * keep[None, :, None], by_task * (1.0 - keep)[None, :, None]
+  kept_gram = mm("tip,tiq->tpq", kept_part, kept_part)
+  res = mm("tip,tiq->tpq", drop_part, drop_part)
   v_k = jnp.pad(v * keep, ((0, 0), (0, max(k_out - n, 0))))[:, :k_out]
   new_basis = mm("dn,nk->dk", q, v_k)
   flip = svd_flip_columns(new_basis)
