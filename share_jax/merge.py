@@ -156,7 +156,7 @@ def _rotation(f: jax.Array, g: jax.Array, center: bool) -> jax.Array:
 
 def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
   """The k (>= 1, <= limit) that the rule asks for, given the rotation's column energies (n,) and
-  the tasks' rotated coordinates ``w`` (n, T, P)."""
+  the tasks' rotated coordinates ``w`` (T, P, n)."""
   if rule.kind == "k":
     return jnp.asarray(min(int(rule.value), rule.limit), jnp.int32)
   if rule.kind == "explained_variance":
@@ -164,7 +164,7 @@ def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
     cum = jnp.cumsum(c)
     want = 1 + jnp.sum(cum[:-1] < rule.value * cum[-1])
   else:  # max_task_error: per task, this side's share of the budget (fidelity module doc)
-    drop = jnp.einsum("itp,tpq,itq->ti", w, partner, w, precision=HIGHEST)
+    drop = jnp.einsum("tpi,tpq,tqi->ti", w, partner, w, precision=HIGHEST)
     suffix = jnp.cumsum(drop[:, ::-1], axis=1)[:, ::-1]  # Σ_{i >= k}, no cancellation
     suffix = jnp.concatenate([suffix, jnp.zeros_like(suffix[:, :1])], axis=1)
     own = jnp.sum(drop, axis=1)  # ‖ΔW_kernel‖² (the rotation is orthonormal)
@@ -185,8 +185,10 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   n_old = jnp.sum(ncols).astype(jnp.float32)
   f, g = _stack_factors(scatter, jnp.sum(coef, axis=(1, 2)), n_old, y, y_valid, rule.center)
   v = _rotation(f, g, rule.center)
-  w = mm("ki,ktp->itp", v[:k_in], coef)  # one GEMM: (n, K) x (K, T·P)
-  w = jax.lax.dynamic_update_slice_in_dim(w, mm("ni,nmp->imp", v, y.reshape(n, m, p)), start, 1)
+  # Every task's coordinates in the rotated space, task-major (T, P, n) for the per-task Grams;
+  # old tasks' coordinates are their coefficients, the new tasks' are Y.
+  w = mm("ktp,ki->tpi", coef, v[:k_in])
+  w = jax.lax.dynamic_update_slice_in_dim(w, mm("nmp,ni->mpi", y.reshape(n, m, p), v), start, 0)
   energies = jnp.sum(mm("ni,nc->ic", v, f) ** 2, axis=1)
   size = max(f.shape)
   kept_g = jnp.sum(mm("ni,nc->ic", v, g) ** 2, axis=1)
@@ -195,18 +197,17 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   want = _want(rule, energies, w, partner, beta, size)
   k_sel = jnp.minimum(jnp.minimum(want, min(k_out, n)), jnp.maximum(rank, 1))
   keep = (jnp.arange(n) < k_sel).astype(jnp.float32)
-  # Per task, the Grams of the part kept and the part dropped.
-  by_task = jnp.transpose(w, (1, 0, 2))  # (T, n, P): batched p × p Grams over a contiguous n
-  kept_part, drop_part = by_task * keep[None, :, None], by_task * (1.0 - keep)[None, :, None]
-  kept_gram = mm("tip,tiq->tpq", kept_part, kept_part)
-  res = mm("tip,tiq->tpq", drop_part, drop_part)
+  # Per task, the Grams of the part kept and the part dropped (batched over a contiguous n).
+  kept_part, drop_part = w * keep, w * (1.0 - keep)
+  kept_gram = mm("tpi,tqi->tpq", kept_part, kept_part)
+  res = mm("tpi,tqi->tpq", drop_part, drop_part)
   v_k = jnp.pad(v * keep, ((0, 0), (0, max(k_out - n, 0))))[:, :k_out]
   new_basis = mm("dn,nk->dk", q, v_k)
   flip = svd_flip_columns(new_basis)
   new_basis, v_k = new_basis * flip, v_k * flip
-  keep_out = jnp.pad(keep, (0, max(k_out - n, 0)))[:k_out]
-  new_coef = jnp.pad(w, ((0, max(k_out - n, 0)), (0, 0), (0, 0)))[:k_out]
-  new_coef = new_coef * (flip * keep_out)[:, None, None]
+  new_coef = mm("ki,ktp->itp", v_k[:k_in], coef)  # one GEMM: (k_out, K) x (K, T·P)
+  new_rows = mm("ni,nmp->imp", v_k, y.reshape(n, m, p))
+  new_coef = jax.lax.dynamic_update_slice_in_dim(new_coef, new_rows, start, 1)
   proj = mm("nk,nc->ck", v_k, f)  # (c, K): S Sᵀ = projᵀ proj
   proj = jnp.pad(proj, ((0, max(k_out - proj.shape[0], 0)), (0, 0)))
   new_scatter = jnp.linalg.qr(proj, mode="r").T
