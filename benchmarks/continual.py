@@ -78,6 +78,7 @@ def main(argv) -> None:
     config.quick, config.quick_overrides.data.num_tasks, seeds = True, 2, seeds[:1]
   elif workdir is None:
     raise app.UsageError("--workdir is required (unless --quick)")
+  runner.keep_freed_memory()
   with tempfile.TemporaryDirectory() as tmp:
     runs = []
     for seed in map(int, seeds):

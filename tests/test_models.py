@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import share_jax as sj
+from share_jax.experiments import backbones
 from share_jax.experiments.models import (
   BertConfig,
   BertEncoder,
@@ -245,6 +247,53 @@ def test_mean_pool_ignores_padding(tiny_bert):
   padded_mask = jnp.concatenate([mask, jnp.zeros((3, 4), jnp.int32)], axis=1)
   again = mean_pool(apply(params, padded, padded_mask), padded_mask)
   np.testing.assert_allclose(again, pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_tokens_against_numpy():
+  rng = np.random.default_rng(2)
+  mask = (np.arange(6)[None] < rng.integers(1, 7, 4)[:, None]).astype(np.int32)
+  x = rng.normal(size=(4, 6, 3)).astype(np.float32)
+  packing = bert.pack_tokens(mask, 20)
+  packed = bert.pack(jnp.asarray(x), packing)
+  n = mask.sum()
+  np.testing.assert_array_equal(packed[:n], x[mask > 0])  # row-major order of the real tokens
+  np.testing.assert_array_equal(bert.unpack(packed, packing, mask.shape), x * mask[..., None])
+  with pytest.raises(ValueError, match=f"{n} tokens do not fit in {n - 1}"):
+    bert.pack_tokens(mask, n - 1)
+
+
+def test_cached_packed_features_equal_the_full_forward(tiny_bert):
+  """The runner's BERT path (embeddings and layer 0 cached by ``encode``, layer 1 on packed real
+  tokens) against every layer on padded batches: features and the gradients of factored
+  adapters on layer 1 agree to float32 round-off."""
+  c, params = tiny_bert
+  tokenize = lambda texts: backbones.hash_tokenize(texts, c.vocab_size, 16)  # noqa: E731
+  full = backbones.bert_backbone("full", c, params, tokenize, frozen_layers=0)
+  top = backbones.bert_backbone("top", c, params, tokenize, frozen_layers=1)
+  rng = np.random.default_rng(3)
+  texts = [" ".join(f"w{rng.integers(99)}" for _ in range(n)) for n in rng.integers(1, 9, 12)]
+  padded, packed = full.encode(texts), top.prepare(top.encode(texts))
+  assert packed["pack_index"].shape[0] < padded["mask"].size  # the padding is skipped
+  factors = {
+    f"params/layer_1/attention/{n}/kernel": tuple(
+      jnp.asarray(rng.normal(size=(c.hidden_size, 2)), jnp.float32) for _ in "ab"
+    )
+    for n in ("query", "value")
+  }
+
+  def features(backbone, inputs):
+    def loss(factors):
+      fn = lambda p, x: jnp.sum(backbone.features(p, x) ** 2)  # noqa: E731
+      return sj.low_rank_loss(fn, backbone.params, factors, inputs)
+
+    return jax.jit(lambda f: (backbone.features(backbone.params, inputs), jax.grad(loss)(f)))
+
+  want, want_grad = features(full, padded)(factors)
+  got, got_grad = features(top, packed)(factors)
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+  for path, pair in want_grad.items():
+    for a, b in zip(pair, got_grad[path], strict=True):
+      np.testing.assert_allclose(b, a, atol=1e-5 * float(np.abs(a).max()), rtol=0)
 
 
 def test_sequence_longer_than_max_position_is_rejected(tiny_bert):

@@ -167,3 +167,14 @@ def test_the_non_strict_methods_are_opt_in():
   assert tuple(runner.resolve(config).methods) == STRICT_METHODS
   config.all_methods = True
   assert tuple(runner.resolve(config).methods) == ALL_METHODS
+
+
+def test_a_fresh_lora_is_trained_once_per_task(small):
+  """Sequential LoRA's first task is per-task LoRA's (same init, data and seed): reused."""
+  ctx, tasks = small
+  per_task, sequential = METHODS["lora_per_task"](ctx), METHODS["lora_sequential"](ctx)
+  per_task.learn(0, tasks[0])
+  sequential.learn(0, tasks[0])
+  assert sequential.lora is per_task.models[0][0]
+  other = dataclasses.replace(tasks[0])  # another task object: trained afresh
+  assert ctx.train_lora(0, other, None, "again")[0] is not per_task.models[0][0]

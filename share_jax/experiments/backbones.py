@@ -8,7 +8,10 @@ A ``Backbone`` bundles
 - ``encode(raw_x) -> {name: array (N, ...)}``: run once per task, on the host; it may also run a
   frozen prefix of the network (nothing there is adapted, so its output can be cached);
 - ``features(params, inputs) -> (B, feature_dim)``: pure and jittable, ``params`` shaped like
-  ``Backbone.params`` (the runner passes adapted copies), ``inputs`` a batch of ``encode``'s output.
+  ``Backbone.params`` (the runner passes adapted copies), ``inputs`` a batch of ``encode``'s output,
+  after ``prepare``;
+- ``prepare(inputs) -> inputs``: host-side, once per batch before ``features`` (default: none);
+  the BERT backbones add the indices that pack the batch's real tokens (``bert.pack_tokens``).
 
 Per-task classifier heads (linear on the features) are the runner's business, not the backbone's.
 
@@ -37,6 +40,10 @@ from share_jax.experiments.models import bert
 
 QUERY_VALUE = r"attention/(query|value)/kernel$"
 _ENCODE_BATCH = 64
+# Packed-token capacities, as fractions of a batch's B·T slots: a batch takes the smallest that
+# holds its real tokens. Each capacity is one more compilation of every step, so only two: tweets
+# (26 of 48 tokens on average, 32-tweet batches at most 1,095 of 1,536) fit 2/3.
+PACK_FRACTIONS = (2 / 3, 1.0)
 
 Inputs = dict[str, Any]
 
@@ -66,6 +73,16 @@ class Backbone:
   encode: Callable[[Sequence[str] | np.ndarray], Inputs]
   features: Callable[[Any, Inputs], jax.Array]
   target: str = QUERY_VALUE
+  prepare: Callable[[Inputs], Inputs] = lambda inputs: inputs
+
+
+def packed_capacity(tokens: int, slots: int) -> int:
+  """The smallest ``PACK_FRACTIONS`` capacity (rows, a multiple of 8 or ``slots``) ≥ tokens."""
+  for fraction in PACK_FRACTIONS:
+    capacity = min(slots, -(-int(fraction * slots) // 8) * 8)
+    if tokens <= capacity:
+      return capacity
+  return slots
 
 
 class BertTop(nn.Module):
@@ -75,12 +92,31 @@ class BertTop(nn.Module):
   first: int
 
   @nn.compact
-  def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
-    """hidden (B, T, H), mask (B, T) -> (B, H)."""
+  def __call__(
+    self, hidden: jax.Array, mask: jax.Array, packing: bert.Packing | None = None
+  ) -> jax.Array:
+    """hidden (B, T, H), mask (B, T) -> (B, H). With ``packing`` the layers run on the real
+    tokens only (the attention on (B, T)): the same features to float32 round-off."""
     bias = jnp.where(mask[:, None, None, :] > 0, 0.0, -1e9).astype(hidden.dtype)
+    x = hidden if packing is None else bert.pack(hidden, packing)
     for i in range(self.first, self.config.num_layers):
-      hidden = bert.BertLayer(self.config, name=f"layer_{i}")(hidden, bias)
-    return bert.mean_pool(hidden, mask)
+      x = bert.BertLayer(self.config, name=f"layer_{i}")(x, bias, packing)
+    return bert.mean_pool(x if packing is None else bert.unpack(x, packing, mask.shape), mask)
+
+
+def pack_batch(inputs: Inputs) -> Inputs:
+  """``inputs`` with ``pack_index`` / ``pack_slot``: ``bert.pack_tokens`` of its ``mask`` at
+  the ``packed_capacity`` of its token count, so that ``BertTop`` skips the padding."""
+  mask = np.asarray(inputs["mask"])
+  packing = bert.pack_tokens(mask, packed_capacity(int(mask.sum()), mask.size))
+  return {**inputs, "pack_index": packing.index, "pack_slot": packing.slot}
+
+
+def packing_of(inputs: Inputs) -> bert.Packing | None:
+  """The ``Packing`` that ``pack_batch`` added to ``inputs``, if any."""
+  if "pack_index" not in inputs:
+    return None
+  return bert.Packing(inputs["pack_index"], inputs["pack_slot"])
 
 
 def bert_backbone(
@@ -110,9 +146,9 @@ def bert_backbone(
     return {"hidden": hidden, "mask": mask}
 
   def features(params: Any, inputs: Inputs) -> jax.Array:
-    return head.apply(params, inputs["hidden"], inputs["mask"])
+    return head.apply(params, inputs["hidden"], inputs["mask"], packing_of(inputs))
 
-  return Backbone(name, top, config.hidden_size, encode, features, target)
+  return Backbone(name, top, config.hidden_size, encode, features, target, pack_batch)
 
 
 def minilm_backbone(max_len: int = 64, frozen_layers: int = 0) -> Backbone:

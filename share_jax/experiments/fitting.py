@@ -113,10 +113,12 @@ def fit(
   batch_size: int,
   seed: int,
   desc: str,
+  prepare: Callable[[Inputs], Inputs] = lambda inputs: inputs,
 ) -> tuple[Any, Any]:
   """Runs ``step(trainable, opt_state, batch)`` over shuffled minibatches with a progress bar.
 
-  ``data``: (inputs, labels, extra columns) per source; batches never mix sources.
+  ``data``: (inputs, labels, extra columns) per source; batches never mix sources. ``prepare``:
+  ``Backbone.prepare``, applied to each batch's inputs.
   """
   rng = np.random.default_rng(seed)
   plan = [
@@ -129,7 +131,11 @@ def fit(
   bar = tqdm([plan[i] for i in order], desc=desc, leave=False, dynamic_ncols=True)
   for i, rows in bar:
     inputs, y, extra = data[i]
-    batch = {"inputs": take(inputs, rows), "y": y[rows], **{k: v[rows] for k, v in extra.items()}}
+    batch = {
+      "inputs": prepare(take(inputs, rows)),
+      "y": y[rows],
+      **{k: v[rows] for k, v in extra.items()},
+    }
     trainable, opt_state, loss = step(trainable, opt_state, batch)
     bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
   return trainable, opt_state
@@ -142,13 +148,20 @@ def score_outputs(task: EncodedTask, out: np.ndarray) -> float:
   return metrics.task_metric(task.metric)(task.y_test, pred)
 
 
-def accuracy(predict, params: Any, head: Head, task: EncodedTask, batch_size: int) -> float:
+def accuracy(
+  predict,
+  params: Any,
+  head: Head,
+  task: EncodedTask,
+  batch_size: int,
+  prepare: Callable[[Inputs], Inputs] = lambda inputs: inputs,
+) -> float:
   """The task's test score (accuracy, or its ``metric``) of ``predict(params, head, inputs) ->
-  (B, C) head outputs``."""
+  (B, C) head outputs`` on batches of ``prepare``d inputs."""
   if head_classes(head) != task.num_classes:
     raise ShareError(
       f"task {task.name!r}: the head has {head_classes(head)} outputs, the task "
       f"{task.num_classes} classes"
     )
-  out = batched(lambda x: predict(params, head, x), task.x_test, batch_size)
+  out = batched(lambda x: predict(params, head, prepare(x)), task.x_test, batch_size)
   return score_outputs(task, out)

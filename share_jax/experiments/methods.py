@@ -80,6 +80,7 @@ class Context:
       self.lora_optimizer,
     )
     self._share_steps: dict = {}
+    self._fresh_loras: dict = {}
 
   def rng(self, *path: int) -> jax.Array:
     key = jax.random.key(self.seed)
@@ -98,11 +99,13 @@ class Context:
       batch_size=self.config.train.batch_size,
       seed=self.seed * 7919 + salt,
       desc=desc,
+      prepare=self.backbone.prepare,
     )
     return trainable
 
   def accuracy(self, params: Any, head: Head, task: EncodedTask) -> float:
-    return fitting.accuracy(self.predict, params, head, task, self.config.train.eval_batch_size)
+    batch = self.config.train.eval_batch_size
+    return fitting.accuracy(self.predict, params, head, task, batch, self.backbone.prepare)
 
   def init_head(self, task: EncodedTask) -> Head:
     """Zeros: the adapter and the head learn together (a head warm-started by the probe fits
@@ -110,11 +113,17 @@ class Context:
     return fitting.zero_head(self.backbone.feature_dim, task.num_classes)
 
   def train_lora(self, i: int, task: EncodedTask, lora: Any, desc: str) -> tuple[Any, Head]:
-    """(LoRA, head) trained on task i; ``lora=None`` starts a fresh LoRA."""
+    """(LoRA, head) trained on task i; ``lora=None`` starts a fresh LoRA. A fresh LoRA depends
+    only on i and the task, so it is trained once per run: per-task LoRA, sequential LoRA's first
+    task and Share's LoRA cold start get the same one (for the same task object)."""
     if lora is None:
-      lora = sj.init_lora_tree(
-        self.backbone.params, self.backbone.target, rank=self.config.lora.rank, rng=self.rng(i)
-      )
+      cached = self._fresh_loras.get(i)
+      if cached is None or cached[0] is not task:
+        fresh = sj.init_lora_tree(
+          self.backbone.params, self.backbone.target, rank=self.config.lora.rank, rng=self.rng(i)
+        )
+        self._fresh_loras[i] = task, self.train_lora(i, task, fresh, desc)
+      return self._fresh_loras[i][1]
     trainable = {"lora": lora, "head": self.init_head(task)}
     step = bind(self.lora_step, self.backbone.params)
     trainable = self.fit(
@@ -209,7 +218,7 @@ class HeadOnly(Method):
 
   def frozen_features(self, inputs) -> np.ndarray:
     ctx = self.ctx
-    fn = lambda x: ctx.features(ctx.backbone.params, x)  # noqa: E731
+    fn = lambda x: ctx.features(ctx.backbone.params, ctx.backbone.prepare(x))  # noqa: E731
     return batched(fn, inputs, ctx.config.train.eval_batch_size)
 
   def learn(self, i, task):

@@ -14,6 +14,7 @@ import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -68,26 +69,68 @@ def tiny_config() -> BertConfig:
   )
 
 
+class Packing(NamedTuple):
+  """The real tokens of a padded (B, T) batch as N rows (N ≥ their count; see ``pack_tokens``).
+
+  ``index`` (N,) int32: the flat position b·T + t of each row (spare rows repeat position 0);
+  ``slot`` (B·T,) int32: the row of each position, N for padding.
+  """
+
+  index: jax.Array
+  slot: jax.Array
+
+
+def pack(x: jax.Array, packing: Packing) -> jax.Array:
+  """(B, T, ...) -> (N, ...): the rows of the real tokens."""
+  return x.reshape(-1, *x.shape[2:])[packing.index]
+
+
+def unpack(x: jax.Array, packing: Packing, shape: tuple[int, int]) -> jax.Array:
+  """(N, ...) -> (B, T, ...) = ``shape`` + trailing dims, zeros at padding."""
+  x = jnp.concatenate([x, jnp.zeros_like(x[:1])])
+  return x[packing.slot].reshape(*shape, *x.shape[1:])
+
+
+def pack_tokens(mask: np.ndarray, capacity: int) -> Packing:
+  """Host-side ``Packing`` of mask (B, T) (1 = token) into ``capacity`` ≥ its token count rows."""
+  flat = np.flatnonzero(np.asarray(mask).reshape(-1))
+  if len(flat) > capacity:
+    raise ValueError(f"{len(flat)} tokens do not fit in {capacity} packed rows")
+  index = np.zeros(capacity, np.int32)
+  index[: len(flat)] = flat
+  slot = np.full(np.size(mask), capacity, np.int32)
+  slot[flat] = np.arange(len(flat), dtype=np.int32)
+  return Packing(index, slot)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with ``query``/``key``/``value``/``output`` Dense layers."""
 
   num_heads: int
 
   @nn.compact
-  def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """x: (B, T, H); bias: additive, broadcastable to (B, heads, T, T) -> (B, T, H)."""
-    b, t, h = x.shape
+  def __call__(
+    self, x: jax.Array, bias: jax.Array | None = None, packing: Packing | None = None
+  ) -> jax.Array:
+    """x: (B, T, H), or (N, H) packed tokens with ``packing`` (then bias is (B, 1, 1, T));
+    bias: additive, broadcastable to (B, heads, T, T) -> x's shape. Projections run on the
+    rows of x; only the attention itself unpacks to (B, T)."""
+    h = x.shape[-1]
     if h % self.num_heads:
       raise ValueError(f"hidden size {h} is not divisible by num_heads {self.num_heads}")
-    q, k, v = (
-      nn.Dense(h, name=n)(x).reshape(b, t, self.num_heads, h // self.num_heads)
-      for n in ("query", "key", "value")
-    )
+    q, k, v = (nn.Dense(h, name=n)(x) for n in ("query", "key", "value"))
+    if packing is not None:
+      shape = (bias.shape[0], bias.shape[-1])
+      q, k, v = (unpack(y, packing, shape) for y in (q, k, v))
+    b, t = q.shape[:2]
+    q, k, v = (y.reshape(b, t, self.num_heads, h // self.num_heads) for y in (q, k, v))
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k) * (h // self.num_heads) ** -0.5
     if bias is not None:
       scores = scores + bias
-    ctx = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(scores, axis=-1), v)
-    return nn.Dense(h, name="output")(ctx.reshape(b, t, h))
+    ctx = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, h)
+    if packing is not None:
+      ctx = pack(ctx, packing)
+    return nn.Dense(h, name="output")(ctx)
 
 
 class BertLayer(nn.Module):
@@ -96,11 +139,11 @@ class BertLayer(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
-    """x: (B, T, H); bias: (B, 1, 1, T) -> (B, T, H)."""
+  def __call__(self, x: jax.Array, bias: jax.Array, packing: Packing | None = None) -> jax.Array:
+    """x: (B, T, H), or (N, H) packed tokens with ``packing``; bias: (B, 1, 1, T) -> x's shape."""
     c = self.config
     x = nn.LayerNorm(c.layer_norm_eps, name="attention_norm")(
-      x + SelfAttention(c.num_heads, name="attention")(x, bias)
+      x + SelfAttention(c.num_heads, name="attention")(x, bias, packing)
     )
     y = nn.gelu(nn.Dense(c.intermediate_size, name="intermediate")(x), approximate=False)
     return nn.LayerNorm(c.layer_norm_eps, name="output_norm")(
