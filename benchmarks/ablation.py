@@ -1,0 +1,236 @@
+"""Share's trained-parameter ablation on the text-domain sequence (issue 9): φ × p, then k / τ.
+
+    python -m benchmarks.ablation --workdir runs/ablation            # full sweep, 3 seeds
+    python -m benchmarks.ablation --workdir /tmp/abl --quick          # smoke test
+
+One process runs every cell in turn (strict Share only, ``configs/text_domains.py``): φ (the
+temporary factors trained next to the coefficients) ∈ {0, 1, 2, 4} × p (the pseudo-rank) ∈
+{1, 2, 4}, then the subspace size at the default φ, p: ``explained_variance`` ∈ {0.8, 0.97} and a
+fixed k. A φ = 0 task only re-weights the current basis, so an empty subspace would never grow:
+φ = 0 cells start from a first-task LoRA (``cold_start="lora"``), every other cell from data, as
+the runner's default. The backbone and each seed's encoded tasks are built once and every cell
+reuses the compiled steps.
+
+``--budget`` (default "cpu") trims the config to fit the sweep into ~40 CPU-minutes on 2 cores:
+the top MiniLM layer adapted instead of the top 3 (``frozen_layers=5``) and 60 training
+examples per class instead of 100; ``--budget full`` keeps ``configs/text_domains.py`` as is.
+
+Writes ``WORKDIR/ablation.json`` (after every cell: a killed sweep resumes where it stopped),
+``WORKDIR/ablation.md`` (mean ± sd over seeds per cell) and ``WORKDIR/ablation.png`` (ACC vs
+trained adapter parameters per task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import jax  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+import share_jax as sj  # noqa: E402
+from configs import text_domains  # noqa: E402
+from share_jax.experiments import report  # noqa: E402
+from share_jax.experiments import run as runner  # noqa: E402
+from share_jax.experiments.fitting import encode_task  # noqa: E402
+from share_jax.experiments.methods import METHODS, Context  # noqa: E402
+
+DEFAULT = {"phi": 2, "p": 1, "explained_variance": 0.9}
+
+
+def cells(quick: bool) -> list[dict]:
+  """Every cell's ``config.share`` overrides (the default cell included once)."""
+  if quick:
+    grid = [{"phi": phi, "p": 1} for phi in (0, 2)]
+    return grid + [{"phi": 2, "p": 1, "explained_variance": 0.8}]
+  grid = [{"phi": phi, "p": p} for phi in (0, 1, 2, 4) for p in (1, 2, 4)]
+  size = [{"phi": 2, "p": 1, "explained_variance": ev} for ev in (0.8, 0.97)]
+  return grid + size + [{"phi": 2, "p": 1, "k": 4}]
+
+
+def label(cell: dict) -> str:
+  return ", ".join(f"{'ev' if k == 'explained_variance' else k}={v}" for k, v in cell.items())
+
+
+def share_overrides(cell: dict) -> dict:
+  """``config.share`` fields of a cell: φ = 0 needs a basis from the first task's LoRA."""
+  out = dict(cell)
+  if "k" in cell:
+    out["explained_variance"] = None
+  out["cold_start"] = "lora" if cell["phi"] == 0 else "data"
+  return out
+
+
+def base_config(quick: bool, budget: str):
+  config = text_domains.get_config()
+  config.quick = quick
+  if budget == "cpu" and not quick:
+    config.backbone.frozen_layers = 5
+    config.data.n_train_per_class = 60
+  return config
+
+
+def run_seed(config, seed: int, todo: list[dict], done: dict, save) -> int:
+  """Runs the cells of ``todo`` not yet in ``done[label][seed]`` on one seed's tasks; returns the
+  parameter count of one rank-r LoRA on the adapted kernels (the reference for "trained")."""
+  config.seed = seed
+  config = runner.resolve(config)
+  raw, note = runner.load_tasks(config)
+  backbone = runner.make_backbone(config)
+  print(f"seed {seed}: {backbone.name}, {note}", flush=True)
+  tasks = [encode_task(backbone, t) for t in raw]
+  ctx = Context(backbone, config, seed)
+  if "head_only" not in done or str(seed) not in done["head_only"]:
+    save("head_only", seed, measure(METHODS["head_only"](ctx), tasks, None), raw)
+  for cell in todo:
+    name = label(cell)
+    if str(seed) in done.get(name, {}):
+      continue
+    for key, value in share_overrides(cell).items():
+      config.share[key] = value
+    ctx.config = config  # the jitted steps stay cached on ctx across cells
+    result = measure(METHODS["share"](ctx), tasks, None)
+    save(name, seed, result, raw)
+    print(f"seed {seed} {name}: ACC {result['ACC']} forgetting {result['forgetting']}", flush=True)
+    for key, value in share_overrides(DEFAULT).items():
+      config.share[key] = value
+    config.share.k = None
+  lora = sj.init_lora_tree(
+    backbone.params, backbone.target, rank=config.lora.rank, rng=jax.random.key(0)
+  )
+  return int(sum(np.size(x) for x in jax.tree.leaves(lora)))
+
+
+def measure(method, tasks, reference) -> dict:
+  t0, c0 = time.time(), time.process_time()
+  r = runner.accuracy_matrix(method, tasks)
+  return report.method_result(method, r, time.time() - t0, time.process_time() - c0, reference)
+
+
+def mean_sd(values, spec=".1f") -> str:
+  values = [v for v in values if v is not None]
+  return f"{np.mean(values):{spec}} ± {np.std(values):{spec}}" if values else "-"
+
+
+def summarize(results: dict) -> list[dict]:
+  """Per cell (the JSON's keys, head_only first): mean over seeds of every reported number."""
+  rows = []
+  for name, by_seed in results["cells"].items():
+    runs = list(by_seed.values())
+    trained = [r["params"]["adapter_trained_per_task"] for r in runs]
+    stored = [r["params"]["adapter_stored_per_task"] for r in runs]
+    rows.append(
+      {
+        "cell": name,
+        "seeds": len(runs),
+        "acc": [r["ACC"] for r in runs],
+        "forgetting": [r["forgetting"] for r in runs],
+        "trained": float(np.mean([np.mean(t) for t in trained])),
+        "trained_later": float(np.mean([np.mean(t[1:]) for t in trained])),
+        "stored": float(np.mean([np.mean(s) for s in stored])),
+        "shared": float(np.mean([r["params"]["shared"] for r in runs])),
+        "cpu_s": float(np.mean([r["cpu_s"] for r in runs])),
+      }
+    )
+  return rows
+
+
+def markdown(results: dict) -> str:
+  rows = summarize(results)
+  lines = [
+    f"- command: `{results['command']}`",
+    f"- date: {results['date']}; budget: {results['budget']}; config: {results['config']}",
+    f"- tasks: {', '.join(results['tasks'])}; LoRA rank 8 for reference: "
+    f"{results['lora_params']:,} adapter parameters per task",
+    "",
+    "| cell | seeds | ACC | forgetting | trained/task (tasks 2–T) | stored/task | shared basis "
+    "| CPU s/run |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['cell']} | {r['seeds']} | {mean_sd(r['acc'])} | {mean_sd(r['forgetting'])} "
+      f"| {r['trained']:,.0f} ({r['trained_later']:,.0f}) | {r['stored']:,.0f} "
+      f"| {r['shared']:,.0f} | {r['cpu_s']:.0f} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+  rows = [r for r in summarize(results) if r["cell"] != "head_only"]
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for r in rows:
+    phi = int(r["cell"].split(",")[0].split("=")[1])
+    ax.errorbar(
+      max(r["trained_later"], 1),
+      np.mean(r["acc"]),
+      yerr=np.std(r["acc"]),
+      marker="os^D"[[0, 1, 2, 4].index(phi)],
+      color=f"C{[0, 1, 2, 4].index(phi)}",
+      capsize=2,
+    )
+    ax.annotate(r["cell"], (max(r["trained_later"], 1), np.mean(r["acc"])), fontsize=6)
+  head = [r for r in summarize(results) if r["cell"] == "head_only"]
+  if head:
+    ax.axhline(np.mean(head[0]["acc"]), color="gray", ls="--", lw=1, label="head only")
+  ax.axvline(results["lora_params"], color="k", ls=":", lw=1, label="one rank-8 LoRA")
+  ax.set_xscale("log")
+  ax.set_xlabel("trained adapter parameters per task (tasks 2–T, heads excluded)")
+  ax.set_ylabel("final ACC (%)")
+  ax.set_title("Share on the text-domain sequence: φ × p × subspace size", fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--quick", action="store_true", help="tiny backbone, 3 cells, 1 seed")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--budget", choices=("cpu", "full"), default="cpu")
+  args = p.parse_args(argv)
+  workdir = Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  seeds = [int(s) for s in args.seeds.split(",")][: 1 if args.quick else None]
+  config = base_config(args.quick, args.budget)
+  path = workdir / "ablation.json"
+  results = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
+  results.update(
+    command=" ".join(["python -m benchmarks.ablation", *(sys.argv[1:] if argv is None else argv)]),
+    budget=args.budget,
+    config={
+      "backbone": dict(runner.resolve(config).backbone),
+      "data": dict(runner.resolve(config).data),
+      "epochs": config.train.epochs,
+    },
+  )
+
+  def save(name: str, seed: int, result: dict, raw) -> None:
+    results["cells"].setdefault(name, {})[str(seed)] = result
+    results["tasks"] = [t.name for t in raw]
+    results["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    path.write_text(json.dumps(results, indent=1, default=list))
+
+  todo = cells(args.quick)
+  for seed in seeds:
+    results["lora_params"] = run_seed(config, seed, todo, results["cells"], save)
+  path.write_text(json.dumps(results, indent=1, default=list))
+  text = markdown(results)
+  (workdir / "ablation.md").write_text(text)
+  plot(results, workdir / "ablation.png")
+  print(text)
+  print(f"wrote {path}, {workdir / 'ablation.md'}, {workdir / 'ablation.png'}")
+
+
+if __name__ == "__main__":
+  main()
