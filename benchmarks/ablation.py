@@ -1,23 +1,27 @@
-"""Share's trained-parameter ablation on the text-domain sequence (issue 9): φ × p, then k / τ.
+"""Share's trained-parameter ablation on the text-domain sequence (issue 9): φ × p, then k.
 
-    python -m benchmarks.ablation --workdir runs/ablation            # full sweep, 3 seeds
-    python -m benchmarks.ablation --workdir /tmp/abl --quick          # smoke test
+    python -m benchmarks.ablation --workdir runs/ablation                     # φ × p grid, 3 seeds
+    python -m benchmarks.ablation --workdir runs/abl --budget full --grid decision  # φ 0 vs 2
+    python -m benchmarks.ablation --workdir /tmp/abl --quick                   # smoke test
 
-One process runs every cell in turn (strict Share only, ``configs/text_domains.py``): φ (the
-temporary factors trained next to the coefficients) ∈ {0, 1, 2, 4} × p (the pseudo-rank) ∈
-{1, 2, 4}, then the subspace size at the default φ, p: ``explained_variance`` ∈ {0.8, 0.97} and a
-fixed k. A φ = 0 task only re-weights the current basis, so an empty subspace would never grow:
-φ = 0 cells start from a first-task LoRA (``cold_start="lora"``), every other cell from data, as
-the runner's default. The backbone and each seed's encoded tasks are built once and every cell
-reuses the compiled steps.
+Strict Share only, ``configs/text_domains.py``. ``--grid full``: φ (the temporary factors
+trained next to the coefficients) ∈ {0, 1, 2, 4} × p (the pseudo-rank) ∈ {1, 2, 4}, then the
+subspace size at the default φ, p: ``explained_variance`` ∈ {0.8, 0.97} and k = 4;
+``--grid decision``: φ ∈ {0, 2} at p = 1. A φ = 0 task only re-weights the current basis, so an
+empty subspace would never grow: φ = 0 cells start from a first-task LoRA
+(``cold_start="lora"``), every other cell from data (the runner's default). Per seed the backbone
+and encoded tasks are built once, a head-only row is added, and every cell reuses the compiled
+steps.
 
-``--budget`` (default "cpu") trims the config to fit the sweep into ~40 CPU-minutes on 2 cores:
-the top MiniLM layer adapted instead of the top 3 (``frozen_layers=5``) and 60 training
-examples per class instead of 100; ``--budget full`` keeps ``configs/text_domains.py`` as is.
+``--budget cpu`` (default) trims the config for 2 CPU cores: only the top MiniLM layer adapted
+(``frozen_layers=5``), 60 training examples per class. There the adapters add ~1 point over the
+heads, too little to rank the cells (``benchmarks/RESULTS.md``); ``--budget full`` keeps the
+config as is (top 3 layers, 100 per class), ~3× the CPU per cell.
 
-Writes ``WORKDIR/ablation.json`` (after every cell: a killed sweep resumes where it stopped),
-``WORKDIR/ablation.md`` (mean ± sd over seeds per cell) and ``WORKDIR/ablation.png`` (ACC vs
-trained adapter parameters per task).
+Writes ``WORKDIR/seed_S.json`` after every cell (a killed run resumes; processes running other
+seeds may share the workdir), then, over all seed files, ``WORKDIR/ablation.json``,
+``WORKDIR/ablation.md`` (mean ± sd over seeds per cell) and ``WORKDIR/ablation.png`` (final ACC
+vs trained adapter parameters per task). ``--seeds ""`` only rebuilds those three.
 """
 
 from __future__ import annotations
@@ -46,14 +50,18 @@ from share_jax.experiments.methods import METHODS, Context  # noqa: E402
 DEFAULT = {"phi": 2, "p": 1, "explained_variance": 0.9}
 
 
-def cells(quick: bool) -> list[dict]:
-  """Every cell's ``config.share`` overrides (the default cell included once)."""
-  if quick:
-    grid = [{"phi": phi, "p": 1} for phi in (0, 2)]
-    return grid + [{"phi": 2, "p": 1, "explained_variance": 0.8}]
-  grid = [{"phi": phi, "p": p} for phi in (0, 1, 2, 4) for p in (1, 2, 4)]
+def cells(grid: str) -> list[dict]:
+  """Every cell's ``config.share`` overrides: ``full`` (φ × p, then the subspace size at the
+  default φ, p), ``decision`` (φ = 0 vs the default φ = 2, p = 1) or ``quick``."""
+  if grid == "quick":
+    return [{"phi": phi, "p": 1} for phi in (0, 2)] + [
+      {"phi": 2, "p": 1, "explained_variance": 0.8}
+    ]
+  if grid == "decision":
+    return [{"phi": phi, "p": 1} for phi in (0, 2)]
+  cross = [{"phi": phi, "p": p} for phi in (0, 1, 2, 4) for p in (1, 2, 4)]
   size = [{"phi": 2, "p": 1, "explained_variance": ev} for ev in (0.8, 0.97)]
-  return grid + size + [{"phi": 2, "p": 1, "k": 4}]
+  return cross + size + [{"phi": 2, "p": 1, "k": 4}]
 
 
 def label(cell: dict) -> str:
@@ -79,7 +87,7 @@ def base_config(quick: bool, budget: str):
 
 
 def run_seed(config, seed: int, todo: list[dict], done: dict, save) -> int:
-  """Runs the cells of ``todo`` not yet in ``done[label][seed]`` on one seed's tasks; returns the
+  """Runs the cells of ``todo`` not yet in ``done`` (by label) on one seed's tasks; returns the
   parameter count of one rank-r LoRA on the adapted kernels (the reference for "trained")."""
   config.seed = seed
   config = runner.resolve(config)
@@ -88,11 +96,11 @@ def run_seed(config, seed: int, todo: list[dict], done: dict, save) -> int:
   print(f"seed {seed}: {backbone.name}, {note}", flush=True)
   tasks = [encode_task(backbone, t) for t in raw]
   ctx = Context(backbone, config, seed)
-  if "head_only" not in done or str(seed) not in done["head_only"]:
+  if "head_only" not in done:
     save("head_only", seed, measure(METHODS["head_only"](ctx), tasks, None), raw)
   for cell in todo:
     name = label(cell)
-    if str(seed) in done.get(name, {}):
+    if name in done:
       continue
     for key, value in share_overrides(cell).items():
       config.share[key] = value
@@ -196,40 +204,58 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--quick", action="store_true", help="tiny backbone, 3 cells, 1 seed")
-  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--seeds", default="0,1,2", help='"" = only rebuild the table and plot')
   p.add_argument("--budget", choices=("cpu", "full"), default="cpu")
+  p.add_argument("--grid", choices=("full", "decision"), default="full")
   args = p.parse_args(argv)
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  seeds = [int(s) for s in args.seeds.split(",")][: 1 if args.quick else None]
+  seeds = [int(s) for s in args.seeds.split(",") if s][: 1 if args.quick else None]
   config = base_config(args.quick, args.budget)
-  path = workdir / "ablation.json"
-  results = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
-  results.update(
-    command=" ".join(["python -m benchmarks.ablation", *(sys.argv[1:] if argv is None else argv)]),
-    budget=args.budget,
-    config={
-      "backbone": dict(runner.resolve(config).backbone),
-      "data": dict(runner.resolve(config).data),
-      "epochs": config.train.epochs,
-    },
-  )
+  resolved = runner.resolve(config)
+  command = " ".join(["python -m benchmarks.ablation", *(sys.argv[1:] if argv is None else argv)])
+  for seed in seeds:  # one file per seed: processes running other seeds may share the workdir
+    path = workdir / f"seed_{seed}.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
+    results.update(
+      command=command,
+      budget=args.budget,
+      config={
+        "backbone": dict(resolved.backbone),
+        "data": dict(resolved.data),
+        "epochs": config.train.epochs,
+      },
+    )
 
-  def save(name: str, seed: int, result: dict, raw) -> None:
-    results["cells"].setdefault(name, {})[str(seed)] = result
-    results["tasks"] = [t.name for t in raw]
-    results["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    def save(name: str, seed: int, result: dict, raw, results=results, path=path) -> None:
+      results["cells"][name] = result
+      results["tasks"] = [t.name for t in raw]
+      results["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+      path.write_text(json.dumps(results, indent=1, default=list))
+
+    results["lora_params"] = run_seed(
+      config, seed, cells("quick" if args.quick else args.grid), results["cells"], save
+    )
     path.write_text(json.dumps(results, indent=1, default=list))
-
-  todo = cells(args.quick)
-  for seed in seeds:
-    results["lora_params"] = run_seed(config, seed, todo, results["cells"], save)
-  path.write_text(json.dumps(results, indent=1, default=list))
+  results = combine(sorted(workdir.glob("seed_*.json")))
+  (workdir / "ablation.json").write_text(json.dumps(results, indent=1, default=list))
   text = markdown(results)
   (workdir / "ablation.md").write_text(text)
   plot(results, workdir / "ablation.png")
   print(text)
-  print(f"wrote {path}, {workdir / 'ablation.md'}, {workdir / 'ablation.png'}")
+  print(f"wrote {workdir / 'ablation.json'}, {workdir / 'ablation.md'}, {workdir / 'ablation.png'}")
+
+
+def combine(paths: list[Path]) -> dict:
+  """The seeds' files as one: ``cells[name][seed]``; settings from the first file."""
+  runs = {p.stem.split("_")[1]: json.loads(p.read_text()) for p in paths}
+  first = next(iter(runs.values()))
+  out = {k: v for k, v in first.items() if k != "cells"}
+  out["cells"] = {}
+  for seed, r in runs.items():
+    for name, result in r["cells"].items():
+      out["cells"].setdefault(name, {})[seed] = result
+  return out
 
 
 if __name__ == "__main__":
