@@ -64,6 +64,15 @@ def cells(grid: str) -> list[dict]:
   return cross + size + [{"phi": 2, "p": 1, "k": 4}]
 
 
+def parse_cells(text: str) -> list[dict]:
+  """``"phi=4,p=1;k=4,phi=2,p=1"`` → cells (ints where the value is one)."""
+  out = []
+  for cell in filter(None, text.split(";")):
+    pairs = (item.split("=") for item in cell.split(","))
+    out.append({k.strip(): float(v) if "." in v else int(v) for k, v in pairs})
+  return out
+
+
 def label(cell: dict) -> str:
   return ", ".join(f"{'ev' if k == 'explained_variance' else k}={v}" for k, v in cell.items())
 
@@ -207,6 +216,11 @@ def main(argv=None) -> None:
   p.add_argument("--seeds", default="0,1,2", help='"" = only rebuild the table and plot')
   p.add_argument("--budget", choices=("cpu", "full"), default="cpu")
   p.add_argument("--grid", choices=("full", "decision"), default="full")
+  p.add_argument(
+    "--cells",
+    default="",
+    help='instead of --grid, e.g. "phi=4,p=1;phi=2,p=1,explained_variance=0.8"',
+  )
   args = p.parse_args(argv)
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +248,11 @@ def main(argv=None) -> None:
       path.write_text(json.dumps(results, indent=1, default=list))
 
     results["lora_params"] = run_seed(
-      config, seed, cells("quick" if args.quick else args.grid), results["cells"], save
+      config,
+      seed,
+      parse_cells(args.cells) if args.cells else cells("quick" if args.quick else args.grid),
+      results["cells"],
+      save,
     )
     path.write_text(json.dumps(results, indent=1, default=list))
   results = combine(sorted(workdir.glob("seed_*.json")))
@@ -247,10 +265,12 @@ def main(argv=None) -> None:
 
 
 def combine(paths: list[Path]) -> dict:
-  """The seeds' files as one: ``cells[name][seed]``; settings from the first file."""
+  """The seeds' files as one: ``cells[name][seed]``; settings from the first file (files of
+  seeds still running may lack ``lora_params``)."""
   runs = {p.stem.split("_")[1]: json.loads(p.read_text()) for p in paths}
   first = next(iter(runs.values()))
   out = {k: v for k, v in first.items() if k != "cells"}
+  out["lora_params"] = max(r.get("lora_params", 0) for r in runs.values())  # 0: none finished
   out["cells"] = {}
   for seed, r in runs.items():
     for name, result in r["cells"].items():
