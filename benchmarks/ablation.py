@@ -1,7 +1,7 @@
 """Share's trained-parameter ablation on the text-domain sequence (issue 9): φ × p, then k.
 
     python -m benchmarks.ablation --workdir runs/ablation                     # φ × p grid, 3 seeds
-    python -m benchmarks.ablation --workdir runs/abl --budget full --grid decision  # φ 0 vs 2
+    python -m benchmarks.ablation --workdir runs/abl --grid decision          # φ 0 vs 2 only
     python -m benchmarks.ablation --workdir /tmp/abl --quick                   # smoke test
 
 Strict Share only, ``configs/text_domains.py``. ``--grid full``: φ (the temporary factors
@@ -13,10 +13,10 @@ empty subspace would never grow: φ = 0 cells start from a first-task LoRA
 and encoded tasks are built once, a head-only row is added, and every cell reuses the compiled
 steps.
 
-``--budget cpu`` (default) trims the config for 2 CPU cores: only the top MiniLM layer adapted
-(``frozen_layers=5``), 60 training examples per class. There the adapters add ~1 point over the
-heads, too little to rank the cells (``benchmarks/RESULTS.md``); ``--budget full`` keeps the
-config as is (top 3 layers, 100 per class), ~3× the CPU per cell.
+``--budget full`` (default) keeps the config as is (top 3 layers, 100 per class): ~180 CPU-s per
+cell, so the full grid is ~2¼ CPU-hours on 2 cores. ``--budget cpu`` adapts only the top MiniLM
+layer (``frozen_layers=5``) with 60 training examples per class, ~3× cheaper, but there the
+adapters add ~1 point over the heads, too little to rank the cells (``benchmarks/RESULTS.md``).
 
 Writes ``WORKDIR/seed_S.json`` after every cell (a killed run resumes; processes running other
 seeds may share the workdir), then, over all seed files, ``WORKDIR/ablation.json``,
@@ -214,7 +214,7 @@ def main(argv=None) -> None:
   p.add_argument("--workdir", required=True)
   p.add_argument("--quick", action="store_true", help="tiny backbone, 3 cells, 1 seed")
   p.add_argument("--seeds", default="0,1,2", help='"" = only rebuild the table and plot')
-  p.add_argument("--budget", choices=("cpu", "full"), default="cpu")
+  p.add_argument("--budget", choices=("cpu", "full"), default="full")
   p.add_argument("--grid", choices=("full", "decision"), default="full")
   p.add_argument(
     "--cells",
