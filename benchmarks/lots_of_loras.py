@@ -525,6 +525,33 @@ def table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def seeds_table(runs: list[dict]) -> str:
+  """Mean ± sd over runs (one per zoo seed) of every method that all of them have."""
+  names = [n for n in runs[0]["methods"] if all(n in r["methods"] for r in runs)]
+
+  def ms(name: str, key: str, scale: float = 100.0, spec: str = ".1f") -> str:
+    v = [r["methods"][name][key] for r in runs]
+    if any(x is None for x in v):
+      return "-"
+    v = scale * np.asarray(v, np.float64)
+    return f"{v.mean():{spec}} ± {v.std():{spec}}"
+
+  lines = [
+    f"Seeds {[r['zoo']['settings']['seed'] for r in runs]} ({runs[0]['num_tasks']} tasks each); "
+    "percent, mean ± sd over seeds.",
+    "",
+    "| method | mean retention | min retention | gain kept | agreement | storage ratio |",
+    "|---|---|---|---|---|---|",
+  ]
+  for n in names:
+    lines.append(
+      f"| {n} | {ms(n, 'mean_retention', spec='.2f')} | {ms(n, 'min_retention')} "
+      f"| {ms(n, 'gain_retained', spec='.0f')} | {ms(n, 'mean_agreement')} "
+      f"| {ms(n, 'storage_ratio', 1.0)}× |"
+    )
+  return "\n".join(lines) + "\n"
+
+
 SECTION = "## Lots of LoRAs (issue 9)"
 
 
@@ -574,11 +601,24 @@ def parse(argv=None):
   p.add_argument("--no-plots", action="store_true")
   p.add_argument("--silent", action="store_true")
   p.add_argument("--results-md", action="store_true", help="write the RESULTS.md section")
+  p.add_argument(
+    "--combine",
+    nargs="+",
+    default=None,
+    metavar="RUN_DIR",
+    help="no run: mean ± sd over these runs' results.json (one per seed) -> WORKDIR/seeds.md",
+  )
   return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
   args = parse(argv)
+  if args.combine:
+    text = seeds_table([json.loads((Path(d) / "results.json").read_text()) for d in args.combine])
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    (Path(args.workdir) / "seeds.md").write_text(text)
+    print(text)
+    return
   results = run(args)
   text = section(results)
   print(text)

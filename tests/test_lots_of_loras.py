@@ -46,6 +46,27 @@ def test_draw_is_balanced_disjoint_and_deterministic():
     zoo.draw(spec, cells, n_train=61, n_test=7, seed=3)
 
 
+def test_feature_cache_is_keyed_by_the_universe_not_its_size(tmp_path):
+  """Another seed draws another universe of the same size: its features are encoded afresh."""
+  calls = []
+
+  class Backbone:
+    name = "fake"
+
+    def encode(self, items):
+      calls.append(list(items))
+      return {"x": np.asarray([[len(t), ord(t[0])] for t in items])}
+
+  path = tmp_path / "features.npz"
+  first, permuted = ["ab", "c", "def"], ["def", "ab", "c"]
+  a = zoo_train.encode_universe(Backbone(), first, path)
+  assert zoo_train.encode_universe(Backbone(), first, path)["x"].tolist() == a["x"].tolist()
+  b = zoo_train.encode_universe(Backbone(), permuted, path)
+  assert len(calls) == 2 and b["x"].tolist() == [[3, 100], [2, 97], [1, 99]]
+  images = np.arange(8, dtype=np.uint8).reshape(2, 2, 2)
+  assert zoo_train.universe_key(images) != zoo_train.universe_key(images[::-1])
+
+
 def test_truncate_and_delta_error_match_numpy():
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=(12, 4)), rng.normal(size=(4, 9))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -87,19 +88,32 @@ def make_backbone(s: Settings, cache_dir: Path) -> Backbone:
   raise ValueError(f"unknown backbone {s.backbone!r}; known: minilm, tiny_bert, vit, vit_tiny")
 
 
+def universe_key(universe) -> str:
+  """SHA-256 of the universe's items in order (texts or a uint8 image array)."""
+  h = hashlib.sha256()
+  if isinstance(universe, np.ndarray):
+    h.update(repr((universe.shape, universe.dtype.str)).encode())
+    h.update(np.ascontiguousarray(universe).tobytes())
+  else:
+    for item in universe:
+      h.update(item.encode())
+      h.update(b"\0")
+  return h.hexdigest()
+
+
 def encode_universe(backbone: Backbone, universe, path: Path) -> Inputs:
-  """``backbone.encode`` of every universe item, cached at ``path`` (keyed by the backbone)."""
+  """``backbone.encode`` of every universe item, cached at ``path``, keyed by the backbone and
+  the universe's content: another seed draws another universe of the same size, never reused."""
+  key = universe_key(universe)
   if path.is_file():
     with np.load(path, allow_pickle=False) as f:
-      cached = {k: f[k] for k in f.files if k != "__backbone__"}
-      if str(f["__backbone__"]) == backbone.name and all(
-        len(v) == len(universe) for v in cached.values()
-      ):
-        return cached
+      meta = {"__backbone__": backbone.name, "__universe__": key}
+      if all(k in f.files and str(f[k]) == v for k, v in meta.items()):
+        return {k: f[k] for k in f.files if k not in meta}
   inputs = {k: np.asarray(v) for k, v in backbone.encode(universe).items()}
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
-    np.savez(f, __backbone__=np.asarray(backbone.name), **inputs)
+    np.savez(f, __backbone__=np.asarray(backbone.name), __universe__=np.asarray(key), **inputs)
   os.replace(f.name, path)
   return inputs
 
