@@ -221,10 +221,21 @@ def first_call(sub: sj.Subspace, new: dict) -> dict:
   first, out = timed(absorb_one, sub, new)
   calls = kernel_calls(sub, new)
   jax.clear_caches()
-  compile_s = sum(timed(lambda c: c.lower().compile(), call)[0] for call in calls)
+  compile_s, temp = 0.0, 0
+  for call in calls:
+    dt, compiled = timed(lambda c: c.lower().compile(), call)
+    compile_s += dt
+    temp = max(temp, compiled.memory_analysis().temp_size_in_bytes)
   (cap,), (cap_out,) = ({g.capacity[1] for g in s.groups.values()} for s in (sub, out))
   t_cap = str(cap) if cap == cap_out else f"{cap}→{cap_out}"
-  return {"first_s": first, "compile_s": compile_s, "t_cap": t_cap, "out": out, "calls": calls}
+  return {
+    "first_s": first,
+    "compile_s": compile_s,
+    "temp_mb": temp / 2**20,
+    "t_cap": t_cap,
+    "out": out,
+    "calls": calls,
+  }
 
 
 def time_share(subs: dict, new: dict, reps: int, profile: bool) -> dict:
@@ -493,7 +504,8 @@ def _cell(x: dict | None, share_s: float) -> tuple[str, str]:
 
 def table(rows: list[dict]) -> str:
   head = (
-    "| shape | T | T cap | share_jax absorb (s) | merge_group (s) | first call (s) | compile (s) "
+    "| shape | T | T cap | share_jax absorb (s) | merge_group (s) | merge temp (MB) "
+    "| first call (s) | compile (s) "
     "| (c) NumPy small-space (s) | (c)/share "
     "| (a) SVD (s) | (b) eig (s) | (a)/share | (b)/share | ‖P−P_ref‖₂ | old recon rel err "
     "| new recon rel err |"
@@ -504,6 +516,7 @@ def table(rows: list[dict]) -> str:
     (a, sa), (b, sb), (c, sc) = (_cell(r.get(m), s["absorb_s"]) for m in (*BASELINES, "c"))
     lines.append(
       f"| {r['shape']} | {r['T']} | {s['t_cap']} | {s['absorb_s']:.4f} | {s['kernel_s']:.4f} "
+      f"| {s['temp_mb']:.0f} "
       f"| {s['first_s']:.2f} | {s['compile_s']:.2f} | {c} | {sc} | {a} | {b} | {sa} | {sb} "
       f"| {acc['proj_dist']:.1e} | {acc['old_rel_err']:.1e} | {acc['new_rel_err']:.1e} |"
     )
@@ -561,7 +574,10 @@ def main(argv=None) -> None:
       for t, sub in snaps.items():
         share, out = shares[t], shares[t].pop("out")
         share.pop("calls")
-        log(f"  T={t}: absorb {share['absorb_s']:.4f} s, merge_group {share['kernel_s']:.4f} s")
+        log(
+          f"  T={t}: absorb {share['absorb_s']:.4f} s, merge_group {share['kernel_s']:.4f} s, "
+          f"merge temp {share['temp_mb']:.0f} MB"
+        )
         row = {"shape": name, "T": t, "share": share}
         get = slot_stacks(sub, new, shape)
         row["c"] = time_small_space(sub, new, shape, args.reps)
