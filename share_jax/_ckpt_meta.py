@@ -27,7 +27,8 @@ from share_jax.paths import flatten_with_paths, join_path, nest
 from share_jax.subspace import SIDES, FactorGroup, KernelSpec, Layout, Subspace, SubspaceConfig
 
 FORMAT = "share_jax.subspace"
-FORMAT_VERSION = 2  # 2: checksum, validated structure
+FORMAT_VERSION = 3  # 2: checksum, validated structure; 3: coefficients (L, T, K, P)
+READABLE = (2, 3)  # 2 is read by moving its (T, L, K, P) coefficients to (L, T, K, P)
 _LAYOUT_KEYS = {"dtype", "path", "shape", "kernel_shape", "transposed"}
 _DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "bool")
 _SHA = re.compile(r"[0-9a-f]{64}")
@@ -75,6 +76,7 @@ class CheckpointMeta:
   heads: tuple[int, ...]
   base: Mapping[str, str] | None
   task_errors: tuple[float, ...]
+  format_version: int = FORMAT_VERSION  # of the metadata read (written: always the current)
 
   def meta_of(self, task_id: Hashable) -> Any:
     """The metadata of one task (``None`` if none was given)."""
@@ -141,22 +143,23 @@ def parse(obj: Any, where: str) -> CheckpointMeta:
   foreign format, another format version, a checksum mismatch or any structural problem."""
   if not isinstance(obj, dict) or obj.get("format") != FORMAT:
     raise CheckpointError(f"{where} is corrupted: not share_jax subspace metadata")
-  if obj.get("format_version") != FORMAT_VERSION:
+  if obj.get("format_version") not in READABLE:
     raise CheckpointError(
       f"{where} has metadata format_version {obj.get('format_version')!r} (written by share_jax "
-      f"{obj.get('library_version')}); this share_jax reads format_version {FORMAT_VERSION}"
+      f"{obj.get('library_version')}); this share_jax reads format_version "
+      f"{' or '.join(map(str, READABLE))}"
     )
   body = {k: v for k, v in obj.items() if k not in ("format", "format_version", "checksum")}
   if obj.get("checksum") != _checksum(body):
     raise CheckpointError(f"{where} is corrupted: its metadata fails its checksum (edited?)")
   try:
-    return _record(body)
+    return dataclasses.replace(_record(body), format_version=obj["format_version"])
   except (Invalid, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
     raise CheckpointError(f"{where} is corrupted: invalid metadata ({e})") from None
 
 
 def _record(body: dict) -> CheckpointMeta:
-  fields = [f.name for f in dataclasses.fields(CheckpointMeta)]
+  fields = [f.name for f in dataclasses.fields(CheckpointMeta) if f.name != "format_version"]
   need(sorted(body) == sorted(fields), f"keys {sorted(body)}, expected {sorted(fields)}")
   for key in ("library_version", "saved_at"):
     need(isinstance(body[key], str), f"{key} is not a string")
@@ -383,7 +386,7 @@ def check_consistent(meta: CheckpointMeta, subspace: Subspace) -> None:
       f"{r.path!r} [{r.side}]: k={r.k}, arrays hold {ranks[(r.path, r.side)]}",
     )
   for g, grp in subspace.groups.items():
-    slots = grp.coef.shape[0] if hasattr(grp, "coef") else len(meta.task_ids)
+    slots = grp.coef.shape[1] if hasattr(grp, "coef") else len(meta.task_ids)
     need(
       slots >= len(meta.task_ids),
       f"group {g} holds {slots} task slots for {len(meta.task_ids)} tasks",

@@ -25,18 +25,17 @@ def bucket(n: int) -> int:
 
 def _grow(group: FactorGroup, t_cap: int, p_cap: int) -> FactorGroup:
   """Zero-pad the task and column capacities of a group."""
-  t, _, _, p = group.coef.shape
+  _, t, _, p = group.coef.shape
   if (t, p) == (t_cap, p_cap):
     return group
-  coef = jnp.pad(group.coef, ((0, t_cap - t), (0, 0), (0, 0), (0, p_cap - p)))
+  coef = jnp.pad(group.coef, ((0, 0), (0, t_cap - t), (0, 0), (0, p_cap - p)))
   return group.replace(coef=coef, ncols=jnp.pad(group.ncols, ((0, t_cap - t), (0, 0))))
 
 
 def _budget(tasks: TaskTable, norm2: jnp.ndarray, config: SubspaceConfig) -> jnp.ndarray:
-  """Each task's squared error budget for this merge, relative to its current ‖ΔW‖² (T,)."""
-  kind, tau = config.rule
-  if kind != "max_task_error":
-    return jnp.zeros_like(norm2)
+  """Each task's squared error budget for this merge, relative to its current ‖ΔW‖² (T,), under
+  the ``max_task_error`` rule."""
+  _, tau = config.rule
   room = jnp.maximum(tau * tasks.norm - tasks.error, 0.0)
   return jnp.where(norm2 > 0, room**2 / jnp.where(norm2 > 0, norm2, 1.0), 0.0)
 
@@ -66,36 +65,41 @@ def merge_columns(
       jnp.asarray(x, jnp.float32), ((0, m_cap - m), (0, 0), (0, 0), (0, p_cap - x.shape[-1]))
     )
     new[g] = (x, jnp.pad(jnp.asarray(ncols, jnp.int32), ((0, m_cap - m), (0, 0))))
-  full, partner, norm2 = fidelity.before_merge(
-    {g: grp.coef for g, grp in grown.items()}, {g: x for g, (x, _) in new.items()}, start, layout
-  )
   is_new = (np.arange(t_cap) >= t0) & (np.arange(t_cap) < t0 + m)
   tasks = subspace.tasks.grow(t_cap)
   tasks = tasks.replace(
-    code=tasks.code.at[t0 : t0 + m].set(np.asarray([id_code(t) for t in task_ids], np.int32)),
-    norm=jnp.where(is_new, jnp.sqrt(norm2), tasks.norm),
-    error=jnp.where(is_new, 0.0, tasks.error),
+    code=tasks.code.at[t0 : t0 + m].set(np.asarray([id_code(t) for t in task_ids], np.int32))
   )
-  beta = _budget(tasks, norm2, config)
-  groups, res = {}, {}
+  kind, value = config.rule
+  partner, beta = {g: None for g in grown}, None
+  if kind == "max_task_error":  # the only rule that reads every task's Grams before merging
+    partner, norm2 = fidelity.before_merge(
+      {g: grp.coef for g, grp in grown.items()}, {g: x for g, (x, _) in new.items()}, start, layout
+    )
+    fresh = tasks.replace(
+      norm=jnp.where(is_new, jnp.sqrt(norm2), tasks.norm),
+      error=jnp.where(is_new, 0.0, tasks.error),
+    )
+    beta = _budget(fresh, norm2, config)
+  groups, res, kept = {}, {}, {}
   for g, group in grown.items():
     d, _ = layout.groups[g]
-    kind, value = config.rule
     rule = Rule(kind, float(value), config.limit(d), config.center)
     x, ncols = new[g]
     k_out = rule.limit if kind == "k" else max(group.capacity[0], min(rule.limit, _MIN_K))
-    merged, want, res[g] = call_kernel(
+    merged, want, res[g], kept[g] = call_kernel(
       merge_group, group, x, ncols, start, partner[g], beta, k_out=k_out, rule=rule
     )
     need = int(jnp.max(want))
     if need > k_out:
       k_out = min(rule.limit, bucket(need))
-      merged, _, res[g] = call_kernel(
+      merged, _, res[g], kept[g] = call_kernel(
         merge_group, group, x, ncols, start, partner[g], beta, k_out=k_out, rule=rule
       )
     groups[g] = merged
-  loss = jnp.sqrt(fidelity.projection_loss2(full, res, layout))
-  error = fidelity.next_bound(tasks, loss, fidelity.stored_norms(groups, layout))
+  loss, before, stored = fidelity.merge_record(kept, res, layout)
+  tasks = tasks.replace(norm=jnp.where(is_new, before, tasks.norm))
+  error = fidelity.next_bound(tasks, loss, stored)
   tasks = tasks.replace(error=jnp.where(is_new, loss, error))
   out = subspace.replace(groups=groups, tasks=tasks, config=config)
   fidelity.check_threshold(out)

@@ -35,7 +35,7 @@ def reconstruct(subspace: Subspace, task_id: Hashable) -> dict:
   i = subspace.task_index(task_id)
   out = {}
   for g, grp in subspace.groups.items():
-    f = np.asarray(side_factors(grp.basis, grp.coef[i]))
+    f = np.asarray(side_factors(grp.basis, grp.task(i)))
     n = np.asarray(grp.ncols[i])
     for slot, (gg, row) in subspace.layout.slots.items():
       if gg == g:
@@ -62,7 +62,7 @@ def apply_factors(params: Any, layout: Layout, factors: Mapping[str, jax.Array])
 
 @functools.partial(jax.jit, static_argnames=("layout",))
 def _task_params(params, groups, index, layout):
-  factors = {g: side_factors(grp.basis, grp.coef[index]) for g, grp in groups.items()}
+  factors = {g: side_factors(grp.basis, grp.task(index)) for g, grp in groups.items()}
   return apply_factors(params, layout, factors)
 
 

@@ -39,8 +39,13 @@ def _pairs(layout: Layout) -> list[tuple[tuple[str, int], tuple[str, int]]]:
 
 
 def grams(coef: jax.Array) -> jax.Array:
-  """p × p Grams of every task's columns: (T, L, K, P) → (T, L, P, P)."""
-  return mm("tlkp,tlkq->tlpq", coef, coef)
+  """p × p Grams of every task's coefficients: (L, T, K, P) → (T, L, P, P)."""
+  return mm("ltkp,ltkq->tlpq", coef, coef)
+
+
+def column_grams(x: jax.Array) -> jax.Array:
+  """p × p Grams of new tasks' factor columns: (m, L, d, P) → (m, L, P, P)."""
+  return mm("tldp,tldq->tlpq", x, x)
 
 
 def _partner_grams(full: dict[str, jax.Array], layout: Layout) -> dict[str, jax.Array]:
@@ -54,14 +59,14 @@ def _partner_grams(full: dict[str, jax.Array], layout: Layout) -> dict[str, jax.
 
 @functools.partial(jax.jit, static_argnames=("layout",))
 def before_merge(coefs: dict, new: dict, start: jax.Array, layout: Layout):
-  """What a merge needs to track fidelity, from the stored coefficients {group: (T, L, K, P)} and
-  the new tasks' columns {group: (m, L, d, P)} that go in rows ``start``…: every task's Grams
-  {group: (T, L, P, P)}, the Grams of each row's other side, and ‖ΔW‖² per task (T,)."""
+  """What the ``max_task_error`` rule needs before a merge, from the stored coefficients
+  {group: (L, T, K, P)} and the new tasks' columns {group: (m, L, d, P)} that go in rows
+  ``start``…: the Grams {group: (T, L, P, P)} of each row's other side, and ‖ΔW‖² per task (T,)."""
   full = {
-    g: jax.lax.dynamic_update_slice_in_dim(grams(c), grams(new[g]), start, axis=0)
+    g: jax.lax.dynamic_update_slice_in_dim(grams(c), column_grams(new[g]), start, axis=0)
     for g, c in coefs.items()
   }
-  return full, _partner_grams(full, layout), _delta_norm2(full, layout)
+  return _partner_grams(full, layout), _delta_norm2(full, layout)
 
 
 def _inner(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -74,13 +79,18 @@ def _delta_norm2(full: dict[str, jax.Array], layout: Layout) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
-def projection_loss2(full: dict, res: dict, layout: Layout) -> jax.Array:
-  """‖ΔW − P_α ΔW P_β‖² per task (T,) from the Grams before (``full``) and dropped (``res``)."""
+def merge_record(kept: dict, res: dict, layout: Layout) -> tuple[jax.Array, ...]:
+  """Per task (T,), from the Grams of what a merge kept and dropped ({group: (T, L, P, P)}):
+  ‖ΔW − P_α ΔW P_β‖ (the merge's loss), ‖ΔW‖ before it and ‖P_α ΔW P_β‖ after it."""
+  full = {
+    g: kept[g] + res[g] for g in kept
+  }  # the rotation is orthonormal: PSD parts, no cancelling
   total = 0.0
   for (ga, ra), (gb, rb) in _pairs(layout):
     fa, fb, qa, qb = full[ga][:, ra], full[gb][:, rb], res[ga][:, ra], res[gb][:, rb]
     total = total + _inner(qa, fb) + _inner(fa, qb) - _inner(qa, qb)
-  return jnp.maximum(total, 0.0)
+  root = lambda x: jnp.sqrt(jnp.maximum(x, 0.0))  # noqa: E731
+  return root(total), root(_delta_norm2(full, layout)), root(_delta_norm2(kept, layout))
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))

@@ -1,16 +1,18 @@
 """The jitted per-group merge: new bases from old tasks plus new factor columns, in the small span.
 
-Every column of the stack [β ε_1, …, β ε_T, X_new] lies in span([β, X_new]). One reduced QR
-[β, X_new] = Q R gives coordinates: old tasks Z_i = R_β ε_i, new columns Y = R_X. The group keeps a
-factor S of the old coefficients' scatter (S Sᵀ = Σ (ε − μ)(ε − μ)ᵀ), so the centred stack has
-the same left singular vectors as the small matrix (as in sklearn's IncrementalPCA)
+Every column of the stack [β ε_1, …, β ε_T, X_new] lies in span([β, Q_x]), where Q_x holds the
+directions of X_new that β lacks (``_extend``: block Gram–Schmidt against the orthonormal β, so β
+is never re-factorised). In those coordinates an old task is its own coefficients ε_i and the new
+columns are Y = [βᵀX; Q_xᵀX]. The group keeps a factor S of the old coefficients' scatter
+(S Sᵀ = Σ (ε − μ)(ε − μ)ᵀ), so the centred stack has the same left singular vectors as the small
+matrix (as in sklearn's IncrementalPCA)
 
-    F = [R_β S,  Y − μ_new,  √(N_old N_new / N) (R_β μ_old − μ_new)]      ((K + M) × (K + M + 1))
+    F = [S,  Y − μ_new,  √(N_old N_new / N) (μ_old − μ_new)]      ((K + M) × (K + M + 1))
 
 whatever the number of tasks. An orthonormal rotation V of the small space, whose leading columns
-are the new basis, gives the new basis Q V_k, every task's new coefficients V_kᵀ Z_i and the new
-scatter factor. The d × (T r) stack, any d × d matrix and any Gram of the task stack are never
-formed.
+are the new basis, gives the new basis [β, Q_x] V_k, every task's new coefficients V_kᵀ ε_i and
+the new scatter factor. The d × (T r) stack, any d × d matrix and any Gram of the task stack are
+never formed. Directions without energy (round-off) are never kept, whatever the k rule.
 
 Centring and the mean direction. Coefficients are uncentred projections (reconstruction is
 β βᵀ X, as in the paper's code), so a basis spanning only the centred stack loses the mean
@@ -58,27 +60,53 @@ def mm(spec: str, *args: jax.Array) -> jax.Array:
 
 
 def svd_flip_columns(u: jax.Array) -> jax.Array:
-  """±1 per column making each column's largest-magnitude entry positive (sklearn's svd_flip)."""
-  idx = jnp.argmax(jnp.abs(u), axis=0)
-  s = jnp.sign(u[idx, jnp.arange(u.shape[1])])
-  return jnp.where(s == 0, 1.0, s)
+  """±1 per column making each column's largest-magnitude entry positive (sklearn's svd_flip),
+  from two plain reductions (the largest entry is positive iff max >= -min; ties go to +1)."""
+  return jnp.where(jnp.max(u, axis=0) >= -jnp.min(u, axis=0), 1.0, -1.0)
 
 
-def _stack_factors(r_old, scatter, coef, ncols, y, y_valid, center: bool):
-  """(F, G): F F^T is the (centred) scatter of all columns, G G^T the uncentred one."""
-  f = jnp.concatenate([mm("nk,kj->nj", r_old, scatter), y], axis=1)
+def _extend(basis: jax.Array, cols: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Orthonormal columns Q_x (d, M) ⟂ ``basis`` (d, K, orthonormal or zero columns) spanning
+  what of ``cols`` (d, M) the basis lacks, with C = basisᵀ cols (K, M) and R_x = Q_xᵀ cols (M, M),
+  so cols = basis C + Q_x R_x up to float32 round-off.
+
+  Block Gram–Schmidt, twice (CGS2), instead of re-factorising [basis, cols]: O(d K M) GEMMs. The
+  residual's directions come from a thin SVD of it with every column scaled to its original
+  norm; those within 16 ε of a column's norm (round-off of the projection, not content) become
+  zero columns, so Q_x never points back into the basis, and a Cholesky QR step makes the
+  rest orthonormal again after a last projection."""
+  c1 = mm("dk,dm->km", basis, cols)
+  x1 = cols - mm("dk,km->dm", basis, c1)
+  c2 = mm("dk,dm->km", basis, x1)
+  x2 = x1 - mm("dk,km->dm", basis, c2)
+  norms = jnp.linalg.norm(cols, axis=0)
+  u, s, _ = jnp.linalg.svd(x2 / jnp.where(norms > 0, norms, 1.0), full_matrices=False)
+  keep = (s > 16 * _EPS32).astype(u.dtype)
+  u = u * keep
+  u = u - mm("dk,km->dm", basis, mm("dk,dm->km", basis, u))
+  # Cholesky QR of the nearly orthonormal u (zero columns, the last ones, stay zero).
+  chol = jnp.linalg.cholesky(mm("dm,dn->mn", u, u) + jnp.diag(1.0 - keep))
+  q = jax.scipy.linalg.solve_triangular(chol, u.T, lower=True).T
+  return q, c1 + c2, mm("dm,dn->mn", q, cols)
+
+
+def _stack_factors(scatter, coef_sum, n_old, y, y_valid, center: bool):
+  """(F, G): F Fᵀ is the (centred) scatter of all columns in the small space [basis, Q_x], G Gᵀ
+  the uncentred one. ``scatter`` (K, K), ``coef_sum`` (K,) and ``n_old`` of the stored columns;
+  ``y`` (n, M) the new columns."""
+  n, k = y.shape[0], scatter.shape[0]
+  old = jnp.pad(scatter, ((0, n - k), (0, 0)))
+  f = jnp.concatenate([old, y], axis=1)
   if not center:
     return f, f
-  n_old = jnp.sum(ncols).astype(jnp.float32)
   n_new = jnp.sum(y_valid).astype(jnp.float32)
-  n = jnp.maximum(n_old + n_new, 1.0)
-  sum_old = mm("nk,k->n", r_old, jnp.sum(coef, axis=(0, 2)))
-  sum_new = jnp.sum(y, axis=1)
+  total = jnp.maximum(n_old + n_new, 1.0)
+  sum_old, sum_new = jnp.pad(coef_sum, (0, n - k)), jnp.sum(y, axis=1)
   mu_old, mu_new = sum_old / jnp.maximum(n_old, 1.0), sum_new / jnp.maximum(n_new, 1.0)
   y_c = (y - mu_new[:, None]) * y_valid
-  corr = jnp.sqrt(n_old * n_new / n) * (mu_old - mu_new)
-  f = jnp.concatenate([mm("nk,kj->nj", r_old, scatter), y_c, corr[:, None]], axis=1)
-  mean_col = (sum_old + sum_new) / jnp.sqrt(n)  # √N μ
+  corr = jnp.sqrt(n_old * n_new / total) * (mu_old - mu_new)
+  f = jnp.concatenate([old, y_c, corr[:, None]], axis=1)
+  mean_col = (sum_old + sum_new) / jnp.sqrt(total)  # √N μ
   return f, jnp.concatenate([f, mean_col[:, None]], axis=1)
 
 
@@ -101,7 +129,7 @@ def _rotation(f: jax.Array, g: jax.Array, center: bool) -> jax.Array:
   return jnp.where(has_mean, v_mean, u)
 
 
-def _want(rule: Rule, energies, w, z, partner, beta, size: int) -> jax.Array:
+def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
   """The k (>= 1, <= limit) that the rule asks for, given the rotation's column energies (n,) and
   the tasks' rotated coordinates ``w`` (T, n, P)."""
   if rule.kind == "k":
@@ -114,7 +142,7 @@ def _want(rule: Rule, energies, w, z, partner, beta, size: int) -> jax.Array:
     drop = jnp.einsum("tip,tpq,tiq->ti", w, partner, w, precision=HIGHEST)
     suffix = jnp.cumsum(drop[:, ::-1], axis=1)[:, ::-1]  # Σ_{i >= k}, no cancellation
     suffix = jnp.concatenate([suffix, jnp.zeros_like(suffix[:, :1])], axis=1)
-    own = jnp.einsum("tnp,tnq,tpq->t", z, z, partner, precision=HIGHEST)  # ‖ΔW_kernel‖²
+    own = jnp.sum(drop, axis=1)  # ‖ΔW_kernel‖² (the rotation is orthonormal)
     allow = (0.5 * beta + (size * _EPS32) ** 2) * own
     ok = jnp.all(suffix <= allow[:, None], axis=0)
     want = jnp.maximum(jnp.argmax(ok), 1)
@@ -127,32 +155,39 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   m, _, p = x.shape
   cols = jnp.transpose(x, (1, 0, 2)).reshape(d, m * p)
   y_valid = (jnp.arange(p)[None, :] < x_ncols[:, None]).reshape(m * p)
-  q, r = jnp.linalg.qr(jnp.concatenate([basis, cols], axis=1), mode="reduced")
+  q_x, c, r_x = _extend(basis, cols)
+  q = jnp.concatenate([basis, q_x], axis=1)
+  y = jnp.concatenate([c, r_x], axis=0)  # the new columns in the small space (n, m·p)
   n = q.shape[1]
-  r_old, y = r[:, :k_in], r[:, k_in:]
-  z = mm("nk,tkp->tnp", r_old, coef)  # every task's columns in the small space
-  z = jax.lax.dynamic_update_slice_in_dim(z, y.reshape(n, m, p).transpose(1, 0, 2), start, 0)
-  f, g = _stack_factors(r_old, scatter, coef, ncols, y, y_valid, rule.center)
+  n_old = jnp.sum(ncols).astype(jnp.float32)
+  f, g = _stack_factors(scatter, jnp.sum(coef, axis=(0, 2)), n_old, y, y_valid, rule.center)
   v = _rotation(f, g, rule.center)
-  w = mm("ni,tnp->tip", v, z)
-  want = _want(rule, jnp.sum(mm("ni,nc->ic", v, f) ** 2, axis=1), w, z, partner, beta, max(f.shape))
-  k_sel = jnp.minimum(want, min(k_out, n))
+  w = mm("ki,tkp->tip", v[:k_in], coef)  # old tasks' coordinates are their coefficients
+  w = jax.lax.dynamic_update_slice_in_dim(w, mm("ni,nmp->mip", v, y.reshape(n, m, p)), start, 0)
+  energies = jnp.sum(mm("ni,nc->ic", v, f) ** 2, axis=1)
+  size = max(f.shape)
+  kept_g = jnp.sum(mm("ni,nc->ic", v, g) ** 2, axis=1)
+  # Directions without energy are round-off: never keep them, whatever the rule.
+  rank = jnp.sum(kept_g > (size * _EPS32) ** 2 * jnp.max(kept_g))
+  want = _want(rule, energies, w, partner, beta, size)
+  k_sel = jnp.minimum(jnp.minimum(want, min(k_out, n)), jnp.maximum(rank, 1))
   keep = (jnp.arange(n) < k_sel).astype(jnp.float32)
-  kept = w * keep[None, :, None]
-  res = mm("tip,tiq->tpq", w - kept, w - kept)
+  drop = w * (1.0 - keep)[None, :, None]
+  res = mm("tip,tiq->tpq", drop, drop)
+  kept = w - drop
   v_k = jnp.pad(v * keep, ((0, 0), (0, max(k_out - n, 0))))[:, :k_out]
   new_basis = mm("dn,nk->dk", q, v_k)
   flip = svd_flip_columns(new_basis)
   new_basis, v_k = new_basis * flip, v_k * flip
+  kept_gram = mm("tip,tiq->tpq", kept, kept)
   new_coef = jnp.pad(kept, ((0, 0), (0, max(k_out - n, 0)), (0, 0)))[:, :k_out]
   new_coef = new_coef * flip[None, :, None]
   proj = mm("nk,nc->ck", v_k, f)  # (c, K): S Sᵀ = projᵀ proj
   proj = jnp.pad(proj, ((0, max(k_out - proj.shape[0], 0)), (0, 0)))
   new_scatter = jnp.linalg.qr(proj, mode="r").T
-  kept_g = jnp.sum(mm("nk,nc->kc", v_k, g) ** 2)
-  total = jnp.sum(g**2)
-  energy = jnp.where(total > 0, kept_g / jnp.where(total > 0, total, 1.0), 1.0)
-  return new_basis, k_sel, new_coef, new_scatter, energy, want, res
+  total = jnp.sum(kept_g)
+  energy = jnp.where(total > 0, jnp.sum(kept_g * keep) / jnp.where(total > 0, total, 1.0), 1.0)
+  return new_basis, k_sel, new_coef, new_scatter, energy, want, res, kept_gram
 
 
 @functools.partial(jax.jit, static_argnames=("k_out", "rule"))
@@ -161,31 +196,32 @@ def merge_group(
   x: jax.Array,
   x_ncols: jax.Array,
   start: jax.Array,
-  partner: jax.Array,
-  beta: jax.Array,
+  partner: jax.Array | None,
+  beta: jax.Array | None,
   *,
   k_out: int,
   rule: Rule,
-) -> tuple[FactorGroup, jax.Array, jax.Array]:
+) -> tuple[FactorGroup, jax.Array, jax.Array, jax.Array]:
   """Fold new factor columns into a group and re-project every stored task.
 
   Args:
-    group: bases (L, d, K), coefficients (T, L, K, P) of the tasks already held.
+    group: bases (L, d, K), coefficients (L, T, K, P) of the tasks already held.
     x: new tasks' factor columns (m, L, d, P), zero-padded; ``x_ncols`` (m, L) their counts.
     start: task row where the m new tasks go (``start + m <= T``).
     partner: (T, L, P, P) Grams of the other side of each row's kernel, before the merge (new
-      tasks in their rows); ``beta`` (T,) each task's squared error budget relative to its ΔW
-      (used by the ``max_task_error`` rule).
+      tasks in their rows); ``beta`` (T,) each task's squared error budget relative to its ΔW.
+      Only the ``max_task_error`` rule reads them (None otherwise).
     k_out: basis capacity of the result; ``rule``: how many columns are active.
 
   Returns:
     The new group (capacity K = ``k_out``), the k each slot's rule wanted (L,), so a caller can
-    grow the capacity and merge again when it is too small, and the Grams (T, L, P, P) of what
-    the merge dropped from every task's columns.
+    grow the capacity and merge again when it is too small, and per task the Grams
+    (T, L, P, P) of what the merge dropped from its columns and of what it kept.
   """
   merge = functools.partial(_merge_one, k_out=k_out, rule=rule)
-  basis, rank, coef, scatter, energy, want, res = jax.vmap(
-    merge, in_axes=(0, 0, 1, 1, 1, 1, 1, None, None), out_axes=(0, 0, 1, 0, 0, 0, 1)
+  p_axis = None if partner is None else 1
+  basis, rank, coef, scatter, energy, want, res, kept = jax.vmap(
+    merge, in_axes=(0, 0, 0, 1, p_axis, 1, 1, None, None), out_axes=(0, 0, 0, 0, 0, 0, 1, 1)
   )(
     group.basis,
     group.scatter,
@@ -198,22 +234,22 @@ def merge_group(
     beta,
   )
   ncols = jax.lax.dynamic_update_slice_in_dim(group.ncols, x_ncols.astype(jnp.int32), start, axis=0)
-  return FactorGroup(basis, rank, coef, ncols, scatter, energy), want, res
+  return FactorGroup(basis, rank, coef, ncols, scatter, energy), want, res, kept
 
 
 @functools.partial(jax.jit, static_argnames=("center",))
 def scatter_factor(coef: jax.Array, ncols: jax.Array, *, center: bool) -> jax.Array:
   """S with S Sᵀ = the (centred) scatter of all stored coefficient columns.
 
-  (T, L, K, P) coefficients, (T, L) column counts → (L, K, K).
+  (L, T, K, P) coefficients, (T, L) column counts → (L, K, K).
 
   Needed after coefficients change outside a merge (fine-tuning); the Gram route loses directions
   below ~1e-7 of the largest, which only fine-tuned (hence perturbed) coefficients can have.
   """
-  gram = mm("tlkp,tljp->lkj", coef, coef)
+  gram = mm("ltkp,ltjp->lkj", coef, coef)
   if center:
     n = jnp.maximum(jnp.sum(ncols, axis=0), 1).astype(jnp.float32)
-    s = jnp.sum(coef, axis=(0, 3))
+    s = jnp.sum(coef, axis=(1, 3))
     gram = gram - s[:, :, None] * s[:, None, :] / n[:, None, None]
   lam, v = jnp.linalg.eigh(0.5 * (gram + jnp.swapaxes(gram, 1, 2)))
   return v * jnp.sqrt(jnp.maximum(lam, 0.0))[:, None, :]

@@ -114,7 +114,7 @@ def mixed_tasks(subspace: Subspace, tasks: jax.Array, *, prefix: str = "params/"
       raise ShareError(
         f"{key!r}: the module maps {x.shape} -> {out.shape}, not the last axis {spec.shape}"
       )
-    term = low_rank_term(x, alpha, ga.coef[:, ra], gb.basis[rb], gb.coef[:, rb], tasks)
+    term = low_rank_term(x, alpha, ga.coef[ra], gb.basis[rb], gb.coef[rb], tasks)
     return out + term.astype(out.dtype)
 
   with nn.intercept_methods(intercept):

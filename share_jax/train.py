@@ -346,7 +346,7 @@ def task_state(subspace: Subspace, task_id: Hashable) -> TaskState:
   for g, grp in subspace.groups.items():
     n, d, _ = grp.basis.shape
     p = max(int(jnp.max(grp.ncols[i])), 1)
-    coef[g] = grp.coef[i, :, :, :p]
+    coef[g] = grp.task(i)[:, :, :p]
     temp[g] = jnp.zeros((n, d, 0), jnp.float32)
     temp_coef[g] = jnp.zeros((n, 0, p), jnp.float32)
   return TaskState(coef, temp, temp_coef, subspace.heads.get(task_id), Origin(subspace.bases))
@@ -355,7 +355,7 @@ def task_state(subspace: Subspace, task_id: Hashable) -> TaskState:
 @jax.jit
 def _write(coef, index, value):
   value = jnp.pad(value, ((0, 0), (0, 0), (0, coef.shape[-1] - value.shape[-1])))
-  return jax.lax.dynamic_update_index_in_dim(coef, value, index, axis=0)
+  return jax.lax.dynamic_update_index_in_dim(coef, value, index, axis=1)
 
 
 def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Subspace:
@@ -378,10 +378,10 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
     if trainable.temp[g].shape[-1]:
       raise ShareError(f"task {task_id!r}: temporary factors must be merged (finish_task) first")
     shape = trainable.coef[g].shape
-    if shape[:2] != grp.coef.shape[1:3] or shape[2] > grp.coef.shape[3]:
+    n, _, k, p = grp.coef.shape
+    if shape[:2] != (n, k) or shape[2] > p:
       raise ShareError(
-        f"task {task_id!r}: coefficients {shape} do not fit group {g} "
-        f"(L, K, P) = {grp.coef.shape[1:]}"
+        f"task {task_id!r}: coefficients {shape} do not fit group {g} (L, K, P) = {(n, k, p)}"
       )
     coef = _write(grp.coef, jnp.asarray(i, jnp.int32), trainable.coef[g].astype(jnp.float32))
     scatter = scatter_factor(coef, grp.ncols, center=subspace.config.center)

@@ -83,7 +83,7 @@ def test_sharded_absorb_equals_unsharded_without_collectives(mesh, monkeypatch):
   assert programs and not [COLLECTIVE.findall(p) for p in programs if COLLECTIVE.search(p)]
   # Layers stay split: each device holds 2 of group d24's 16 rows; L = 1 groups are replicated.
   grp = merged.groups["d24"]
-  assert grp.basis.sharding.spec == P("data") and grp.coef.sharding.spec == P(None, "data")
+  assert grp.basis.sharding.spec == P("data") and grp.coef.sharding.spec == P("data")
   assert {s.data.shape[0] for s in grp.basis.addressable_shards} == {16 // DEVICES}
   assert merged.groups["d16"].basis.sharding.is_fully_replicated
   want = sharded_run.reference()
