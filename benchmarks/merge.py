@@ -116,13 +116,20 @@ def block(sub: sj.Subspace) -> sj.Subspace:
   return sub
 
 
-def build(shape: Shape, ts: list[int], chunk: int, seed: int, log) -> tuple[Planted, dict]:
+def build(
+  shape: Shape, ts: list[int], chunk: int, seed: int, log, build_max: int = 1000
+) -> tuple[Planted, dict]:
   """Subspaces holding each T in ``ts`` tasks: one init, then absorbs of ``chunk`` LoRAs at a time
-  (capacities grow in buckets as in real use). Returns the generator and ``{T: subspace}``."""
+  (capacities grow in buckets as in real use); a T above ``build_max`` repeats the tasks of the
+  largest T built (``tiled``). Returns the generator and ``{T: subspace}``."""
   gen = Planted(shape, seed)
   sub, count, snaps = None, 0, {}
   t0 = time.perf_counter()
   for target in sorted(ts):
+    if target > build_max and sub is not None:
+      snaps[target] = block(tiled(sub, target))
+      log(f"  tiled T={target} ({time.perf_counter() - t0:.1f} s so far)")
+      continue
     while count < target:
       n = min(chunk, target - count)
       ids = list(range(count, count + n))
@@ -134,6 +141,26 @@ def build(shape: Shape, ts: list[int], chunk: int, seed: int, log) -> tuple[Plan
     snaps[target] = block(sub)
     log(f"  built T={target} ({time.perf_counter() - t0:.1f} s so far)")
   return gen, snaps
+
+
+def tiled(sub: sj.Subspace, t: int) -> sj.Subspace:
+  """``sub``'s tasks repeated t / T times (same bases; scatter scaled to match; capacity the
+  power of two >= t): a state of t tasks at a fraction of the cost of absorbing them."""
+  n = sub.num_tasks
+  if t % n:
+    raise SystemExit(f"--T {t} must be a multiple of {n} to be tiled from it")
+  reps, cap = t // n, 1 << (t - 1).bit_length()
+  groups = {}
+  for g, grp in sub.groups.items():
+    coef = np.tile(np.asarray(grp.coef[:, :, :n]), (1, 1, reps, 1))
+    ncols = np.tile(np.asarray(grp.ncols[:n]), (reps, 1))
+    groups[g] = grp.replace(
+      coef=jax.numpy.asarray(np.pad(coef, ((0, 0), (0, 0), (0, cap - t), (0, 0)))),
+      ncols=jax.numpy.asarray(np.pad(ncols, ((0, cap - t), (0, 0)))),
+      scatter=grp.scatter * np.sqrt(reps),
+    )
+  ids = [f"{i}-{j}" for j in range(reps) for i in sub.task_ids]
+  return sj.Subspace.create(groups, sub.layout, tuple(ids), sub.config)
 
 
 def blas_threads(n: int | dict[str, int] | None = None) -> dict[str, int]:
@@ -289,7 +316,7 @@ def small_space_inputs(sub: sj.Subspace, new: dict, shape: Shape) -> tuple[np.nd
   ((g, grp),) = sub.groups.items()  # every benchmark shape has one group
   t, k = sub.num_tasks, int(np.max(np.asarray(grp.rank)))
   n_slots = grp.basis.shape[0]
-  coef = np.asarray(grp.coef[:, :t, :k, : shape.r]).transpose(0, 2, 1, 3)
+  coef = np.asarray(grp.coef[:, :k, :t, : shape.r])
   cols = {path: diagnostics.lora_columns(lo) for path, lo in sj.lora_leaves(new).items()}
   x = np.zeros((n_slots, shape.d, shape.r), np.float32)
   for (path, side), (_, row) in sub.layout.slots.items():
@@ -350,8 +377,8 @@ def slot_stacks(sub: sj.Subspace, new: dict, shape: Shape) -> Callable[[int], np
     (path, side), (g, row) = slots[i]
     basis, coef, rank = host[g]
     kk = int(rank[row])
-    c = coef[row, :t, :kk, : shape.r]  # (T, k, r): every task here has rank r
-    old = basis[row, :, :kk] @ c.transpose(1, 0, 2).reshape(kk, t * shape.r)
+    c = coef[row, :kk, :t, : shape.r]  # (k, T, r): every task here has rank r
+    old = basis[row, :, :kk] @ c.reshape(kk, t * shape.r)
     return np.concatenate([old, new_cols[path][side].astype(np.float32)], axis=1)
 
   return get
@@ -417,10 +444,10 @@ def accuracy(out: sj.Subspace, get, shape: Shape, t: int, slots_checked: int = 2
     x = get(i).astype(np.float64)
     u_ref = reference_basis(x, kk)
     basis = np.asarray(grp.basis[row, :, :kk], np.float64)
-    coef = np.asarray(grp.coef[row, : t + 1, :kk, : shape.r], np.float64)
+    coef = np.asarray(grp.coef[row, :kk, : t + 1, : shape.r], np.float64)
     dist = max(dist, sin_max(u_ref, basis))
     want = u_ref @ (u_ref.T @ x)
-    have = basis @ coef.transpose(1, 0, 2).reshape(kk, (t + 1) * shape.r)
+    have = basis @ coef.reshape(kk, (t + 1) * shape.r)
     diff = np.linalg.norm((have - want).reshape(shape.d, t + 1, shape.r), axis=(0, 2))
     rel = diff / np.linalg.norm(want.reshape(shape.d, t + 1, shape.r), axis=(0, 2))
     err, err_new = max(err, rel[:t].max()), max(err_new, rel[t])
@@ -489,6 +516,9 @@ def table(rows: list[dict]) -> str:
 def parse(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--T", type=int, nargs="+", default=[10, 100, 1000], help="tasks already held")
+  p.add_argument(
+    "--build-max", type=int, default=1000, help="a larger T repeats the largest built's tasks"
+  )
   p.add_argument("--shapes", default="roberta,7b", help=f"comma list of {sorted(SHAPES)}")
   p.add_argument("--reps", type=int, default=7, help="timed share_jax repetitions (median)")
   p.add_argument("--baseline-reps", type=int, default=3, help="max timed reps per baseline cell")
@@ -524,7 +554,7 @@ def main(argv=None) -> None:
       shape = SHAPES[name]
       log(f"{name}: {shape.describe()}, building T = {sorted(args.T)}")
       blas_threads(1)  # building is not timed; one thread is far faster on a loaded machine
-      gen, snaps = build(shape, args.T, args.chunk, args.seed, log)
+      gen, snaps = build(shape, args.T, args.chunk, args.seed, log, args.build_max)
       new = gen.lora()
       blas_threads(env["blas_threads"])
       shares = time_share(snaps, new, args.reps, args.profile)

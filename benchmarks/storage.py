@@ -57,7 +57,7 @@ def counted(
     groups[g] = sj.FactorGroup(
       basis=jax.ShapeDtypeStruct((n, d, k), jnp.float32),
       rank=np.full((n,), k, np.int32),
-      coef=jax.ShapeDtypeStruct((tasks, n, k, r), jnp.float32),
+      coef=jax.ShapeDtypeStruct((n, k, tasks, r), jnp.float32),
       ncols=np.full((tasks, n), r, np.int32),
       scatter=jax.ShapeDtypeStruct((n, k, k), jnp.float32),
       energy=jax.ShapeDtypeStruct((n,), jnp.float32),

@@ -27,8 +27,8 @@ from share_jax.paths import flatten_with_paths, join_path, nest
 from share_jax.subspace import SIDES, FactorGroup, KernelSpec, Layout, Subspace, SubspaceConfig
 
 FORMAT = "share_jax.subspace"
-FORMAT_VERSION = 3  # 2: checksum, validated structure; 3: coefficients (L, T, K, P)
-READABLE = (2, 3)  # 2 is read by moving its (T, L, K, P) coefficients to (L, T, K, P)
+FORMAT_VERSION = 3  # 2: checksum, validated structure; 3: coefficients (L, K, T, P)
+READABLE = (2, 3)  # 2 is read by moving its (T, L, K, P) coefficients to (L, K, T, P)
 _LAYOUT_KEYS = {"dtype", "path", "shape", "kernel_shape", "transposed"}
 _DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "bool")
 _SHA = re.compile(r"[0-9a-f]{64}")
@@ -386,7 +386,7 @@ def check_consistent(meta: CheckpointMeta, subspace: Subspace) -> None:
       f"{r.path!r} [{r.side}]: k={r.k}, arrays hold {ranks[(r.path, r.side)]}",
     )
   for g, grp in subspace.groups.items():
-    slots = grp.coef.shape[1] if hasattr(grp, "coef") else len(meta.task_ids)
+    slots = grp.coef.shape[2] if hasattr(grp, "coef") else len(meta.task_ids)
     need(
       slots >= len(meta.task_ids),
       f"group {g} holds {slots} task slots for {len(meta.task_ids)} tasks",

@@ -25,10 +25,10 @@ def bucket(n: int) -> int:
 
 def _grow(group: FactorGroup, t_cap: int, p_cap: int) -> FactorGroup:
   """Zero-pad the task and column capacities of a group."""
-  _, t, _, p = group.coef.shape
+  _, _, t, p = group.coef.shape
   if (t, p) == (t_cap, p_cap):
     return group
-  coef = jnp.pad(group.coef, ((0, 0), (0, t_cap - t), (0, 0), (0, p_cap - p)))
+  coef = jnp.pad(group.coef, ((0, 0), (0, 0), (0, t_cap - t), (0, p_cap - p)))
   return group.replace(coef=coef, ncols=jnp.pad(group.ncols, ((0, t_cap - t), (0, 0))))
 
 

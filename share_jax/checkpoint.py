@@ -182,7 +182,7 @@ class Checkpointer:
       if arrays[p].is_fully_addressable and sha256(arrays[p]) != meta.arrays[p].sha256:
         raise self._corrupted(version, "arrays", f"checksum mismatch in {p!r}")
       if meta.format_version == 2 and p.startswith("groups/") and p.endswith("/coef"):
-        arrays[p] = jnp.swapaxes(arrays[p], 0, 1)  # format 2 stored (T, L, K, P)
+        arrays[p] = jnp.transpose(arrays[p], (1, 2, 0, 3))  # format 2 stored (T, L, K, P)
     try:
       subspace = rebuild(meta, arrays)
       check_consistent(meta, subspace)

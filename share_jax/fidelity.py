@@ -39,8 +39,8 @@ def _pairs(layout: Layout) -> list[tuple[tuple[str, int], tuple[str, int]]]:
 
 
 def grams(coef: jax.Array) -> jax.Array:
-  """p × p Grams of every task's coefficients: (L, T, K, P) → (T, L, P, P)."""
-  return mm("ltkp,ltkq->tlpq", coef, coef)
+  """p × p Grams of every task's coefficients: (L, K, T, P) → (T, L, P, P)."""
+  return mm("lktp,lktq->tlpq", coef, coef)
 
 
 def column_grams(x: jax.Array) -> jax.Array:
@@ -60,7 +60,7 @@ def _partner_grams(full: dict[str, jax.Array], layout: Layout) -> dict[str, jax.
 @functools.partial(jax.jit, static_argnames=("layout",))
 def before_merge(coefs: dict, new: dict, start: jax.Array, layout: Layout):
   """What the ``max_task_error`` rule needs before a merge, from the stored coefficients
-  {group: (L, T, K, P)} and the new tasks' columns {group: (m, L, d, P)} that go in rows
+  {group: (L, K, T, P)} and the new tasks' columns {group: (m, L, d, P)} that go in rows
   ``start``…: the Grams {group: (T, L, P, P)} of each row's other side, and ‖ΔW‖² per task (T,)."""
   full = {
     g: jax.lax.dynamic_update_slice_in_dim(grams(c), column_grams(new[g]), start, axis=0)

@@ -75,7 +75,7 @@ def _empty_group(d: int, n: int, t_cap: int) -> FactorGroup:
   return FactorGroup(
     basis=jnp.zeros((n, d, 0), jnp.float32),
     rank=jnp.zeros((n,), jnp.int32),
-    coef=jnp.zeros((n, t_cap, 0, 1), jnp.float32),
+    coef=jnp.zeros((n, 0, t_cap, 1), jnp.float32),
     ncols=jnp.zeros((t_cap, n), jnp.int32),
     scatter=jnp.zeros((n, 0, 0), jnp.float32),
     energy=jnp.ones((n,), jnp.float32),

@@ -1,8 +1,9 @@
 """The jitted per-group merge: new bases from old tasks plus new factor columns, in the small span.
 
 Every column of the stack [β ε_1, …, β ε_T, X_new] lies in span([β, Q_x]), where Q_x holds the
-directions of X_new that β lacks (``_extend``: block Gram–Schmidt against the orthonormal β, so β
-is never re-factorised). In those coordinates an old task is its own coefficients ε_i and the new
+directions of X_new that β lacks (``small_space``: block Gram–Schmidt against the orthonormal β,
+so β is not re-factorised, or for a large batch a Householder QR of [β, X_new]). In those
+coordinates an old task is its own coefficients ε_i and the new
 columns are Y = [βᵀX; Q_xᵀX]. The group keeps a factor S of the old coefficients' scatter
 (S Sᵀ = Σ (ε − μ)(ε − μ)ᵀ), so the centred stack has the same left singular vectors as the small
 matrix (as in sklearn's IncrementalPCA)
@@ -90,6 +91,30 @@ def _extend(basis: jax.Array, cols: jax.Array) -> tuple[jax.Array, jax.Array, ja
   return q, c1 + c2, mm("dm,dn->mn", q, cols)
 
 
+def _householder(basis: jax.Array, cols: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(Q, Y) of a Householder QR [basis, cols] = Q R, with the signs of Q's first K columns set so
+  that R's basis block is the identity (β is orthonormal): old coordinates stay as they are."""
+  k = basis.shape[1]
+  q, r = jnp.linalg.qr(jnp.concatenate([basis, cols], axis=1), mode="reduced")
+  sign = jnp.where(jnp.diagonal(r)[:k] < 0, -1.0, 1.0)
+  return q.at[:, :k].multiply(sign), r[:, k:].at[:k].multiply(sign[:, None])
+
+
+def small_space(basis: jax.Array, cols: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """An orthonormal Q (d, n) whose first K columns are ``basis`` (d, K) and whose span holds
+  ``cols`` (d, M), and the columns' coordinates Y (n, M) in it: cols = Q Y. By Gram–Schmidt
+  (``_extend``) where that is cheaper than a Householder QR of [basis, cols] (few new columns),
+  else by the QR (a batch of many adapters)."""
+  d, k = basis.shape
+  m = cols.shape[1]
+  gram_schmidt = 8 * d * k * m + 5 * d * m * m + 22 * m**3
+  householder = 4 * d * (k + m) ** 2 - (4 * (k + m) ** 3) // 3
+  if gram_schmidt >= householder:
+    return _householder(basis, cols)
+  q_x, c, r_x = _extend(basis, cols)
+  return jnp.concatenate([basis, q_x], axis=1), jnp.concatenate([c, r_x], axis=0)
+
+
 def _stack_factors(scatter, coef_sum, n_old, y, y_valid, center: bool):
   """(F, G): F Fᵀ is the (centred) scatter of all columns in the small space [basis, Q_x], G Gᵀ
   the uncentred one. ``scatter`` (K, K), ``coef_sum`` (K,) and ``n_old`` of the stored columns;
@@ -131,7 +156,7 @@ def _rotation(f: jax.Array, g: jax.Array, center: bool) -> jax.Array:
 
 def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
   """The k (>= 1, <= limit) that the rule asks for, given the rotation's column energies (n,) and
-  the tasks' rotated coordinates ``w`` (T, n, P)."""
+  the tasks' rotated coordinates ``w`` (n, T, P)."""
   if rule.kind == "k":
     return jnp.asarray(min(int(rule.value), rule.limit), jnp.int32)
   if rule.kind == "explained_variance":
@@ -139,7 +164,7 @@ def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
     cum = jnp.cumsum(c)
     want = 1 + jnp.sum(cum[:-1] < rule.value * cum[-1])
   else:  # max_task_error: per task, this side's share of the budget (fidelity module doc)
-    drop = jnp.einsum("tip,tpq,tiq->ti", w, partner, w, precision=HIGHEST)
+    drop = jnp.einsum("itp,tpq,itq->ti", w, partner, w, precision=HIGHEST)
     suffix = jnp.cumsum(drop[:, ::-1], axis=1)[:, ::-1]  # Σ_{i >= k}, no cancellation
     suffix = jnp.concatenate([suffix, jnp.zeros_like(suffix[:, :1])], axis=1)
     own = jnp.sum(drop, axis=1)  # ‖ΔW_kernel‖² (the rotation is orthonormal)
@@ -150,20 +175,18 @@ def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
 
 
 def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *, k_out, rule):
-  """One (kernel, side) slot. basis (d, K), coef (T, K, P), partner (T, P, P), x (m, d, P)."""
+  """One (kernel, side) slot. basis (d, K), coef (K, T, P), partner (T, P, P), x (m, d, P)."""
   d, k_in = basis.shape
   m, _, p = x.shape
   cols = jnp.transpose(x, (1, 0, 2)).reshape(d, m * p)
   y_valid = (jnp.arange(p)[None, :] < x_ncols[:, None]).reshape(m * p)
-  q_x, c, r_x = _extend(basis, cols)
-  q = jnp.concatenate([basis, q_x], axis=1)
-  y = jnp.concatenate([c, r_x], axis=0)  # the new columns in the small space (n, m·p)
+  q, y = small_space(basis, cols)  # old tasks' coordinates are their coefficients
   n = q.shape[1]
   n_old = jnp.sum(ncols).astype(jnp.float32)
-  f, g = _stack_factors(scatter, jnp.sum(coef, axis=(0, 2)), n_old, y, y_valid, rule.center)
+  f, g = _stack_factors(scatter, jnp.sum(coef, axis=(1, 2)), n_old, y, y_valid, rule.center)
   v = _rotation(f, g, rule.center)
-  w = mm("ki,tkp->tip", v[:k_in], coef)  # old tasks' coordinates are their coefficients
-  w = jax.lax.dynamic_update_slice_in_dim(w, mm("ni,nmp->mip", v, y.reshape(n, m, p)), start, 0)
+  w = mm("ki,ktp->itp", v[:k_in], coef)  # one GEMM: (n, K) x (K, T·P)
+  w = jax.lax.dynamic_update_slice_in_dim(w, mm("ni,nmp->imp", v, y.reshape(n, m, p)), start, 1)
   energies = jnp.sum(mm("ni,nc->ic", v, f) ** 2, axis=1)
   size = max(f.shape)
   kept_g = jnp.sum(mm("ni,nc->ic", v, g) ** 2, axis=1)
@@ -172,16 +195,18 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   want = _want(rule, energies, w, partner, beta, size)
   k_sel = jnp.minimum(jnp.minimum(want, min(k_out, n)), jnp.maximum(rank, 1))
   keep = (jnp.arange(n) < k_sel).astype(jnp.float32)
-  drop = w * (1.0 - keep)[None, :, None]
-  res = mm("tip,tiq->tpq", drop, drop)
-  kept = w - drop
+  # Per task, the Grams of the part kept and the part dropped.
+  by_task = jnp.transpose(w, (1, 0, 2))  # (T, n, P): batched p × p Grams over a contiguous n
+  kept_part, drop_part = by_task * keep[None, :, None], by_task * (1.0 - keep)[None, :, None]
+  kept_gram = mm("tip,tiq->tpq", kept_part, kept_part)
+  res = mm("tip,tiq->tpq", drop_part, drop_part)
   v_k = jnp.pad(v * keep, ((0, 0), (0, max(k_out - n, 0))))[:, :k_out]
   new_basis = mm("dn,nk->dk", q, v_k)
   flip = svd_flip_columns(new_basis)
   new_basis, v_k = new_basis * flip, v_k * flip
-  kept_gram = mm("tip,tiq->tpq", kept, kept)
-  new_coef = jnp.pad(kept, ((0, 0), (0, max(k_out - n, 0)), (0, 0)))[:, :k_out]
-  new_coef = new_coef * flip[None, :, None]
+  keep_out = jnp.pad(keep, (0, max(k_out - n, 0)))[:k_out]
+  new_coef = jnp.pad(w, ((0, max(k_out - n, 0)), (0, 0), (0, 0)))[:k_out]
+  new_coef = new_coef * (flip * keep_out)[:, None, None]
   proj = mm("nk,nc->ck", v_k, f)  # (c, K): S Sᵀ = projᵀ proj
   proj = jnp.pad(proj, ((0, max(k_out - proj.shape[0], 0)), (0, 0)))
   new_scatter = jnp.linalg.qr(proj, mode="r").T
@@ -205,7 +230,7 @@ def merge_group(
   """Fold new factor columns into a group and re-project every stored task.
 
   Args:
-    group: bases (L, d, K), coefficients (L, T, K, P) of the tasks already held.
+    group: bases (L, d, K), coefficients (L, K, T, P) of the tasks already held.
     x: new tasks' factor columns (m, L, d, P), zero-padded; ``x_ncols`` (m, L) their counts.
     start: task row where the m new tasks go (``start + m <= T``).
     partner: (T, L, P, P) Grams of the other side of each row's kernel, before the merge (new
@@ -241,15 +266,15 @@ def merge_group(
 def scatter_factor(coef: jax.Array, ncols: jax.Array, *, center: bool) -> jax.Array:
   """S with S Sᵀ = the (centred) scatter of all stored coefficient columns.
 
-  (L, T, K, P) coefficients, (T, L) column counts → (L, K, K).
+  (L, K, T, P) coefficients, (T, L) column counts → (L, K, K).
 
   Needed after coefficients change outside a merge (fine-tuning); the Gram route loses directions
   below ~1e-7 of the largest, which only fine-tuned (hence perturbed) coefficients can have.
   """
-  gram = mm("ltkp,ltjp->lkj", coef, coef)
+  gram = mm("lktp,ljtp->lkj", coef, coef)
   if center:
     n = jnp.maximum(jnp.sum(ncols, axis=0), 1).astype(jnp.float32)
-    s = jnp.sum(coef, axis=(1, 3))
+    s = jnp.sum(coef, axis=(2, 3))
     gram = gram - s[:, :, None] * s[:, None, :] / n[:, None, None]
   lam, v = jnp.linalg.eigh(0.5 * (gram + jnp.swapaxes(gram, 1, 2)))
   return v * jnp.sqrt(jnp.maximum(lam, 0.0))[:, None, :]

@@ -42,13 +42,13 @@ def low_rank_term(
 ) -> jax.Array:
   """(((x α) ε_α[t]) ε_β[t]ᵀ) βᵀ for each example's task t.
 
-  x (B, ..., d_in); α (d_in, K_a), ε_α (T, K_a, P); β (d_out, K_b), ε_β (T, K_b, P);
+  x (B, ..., d_in); α (d_in, K_a), ε_α (K_a, T, P); β (d_out, K_b), ε_β (K_b, T, P);
   tasks (B,) → (B, ..., d_out). ``alpha=None``: x is already x α (B, ..., K_a).
   """
   dtype = x.dtype
   z = x if alpha is None else x @ alpha.astype(dtype)  # shared GEMM (B, ..., K_a)
-  u = jnp.einsum("b...k,bkp->b...p", z, coef_a[tasks].astype(dtype))
-  w = jnp.einsum("b...p,bjp->b...j", u, coef_b[tasks].astype(dtype))
+  u = jnp.einsum("b...k,kbp->b...p", z, coef_a[:, tasks].astype(dtype))
+  w = jnp.einsum("b...p,jbp->b...j", u, coef_b[:, tasks].astype(dtype))
   return w @ beta.T.astype(dtype)  # shared GEMM (B, ..., d_out)
 
 

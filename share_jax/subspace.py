@@ -6,9 +6,9 @@ into one ``FactorGroup`` so that one vmapped decomposition serves them all.
 Shapes are capacity buffers:
 
 - ``basis``: (L, d, K) orthonormal columns, the first ``rank[l]`` active, the rest zero;
-- ``coef``:  (L, T, K, P) coefficients of every task, slot-major so that a merge rotates every
-  slot's (T, K, P) block in place (rows beyond ``rank``, columns beyond ``ncols`` and tasks beyond
-  the registry are zero);
+- ``coef``:  (L, K, T, P) coefficients of every task, task-minor so that a merge rotates every
+  slot's (K, T·P) block with one GEMM (rows beyond ``rank``, columns beyond ``ncols`` and tasks
+  beyond the registry are zero);
 - ``ncols``: (T, L) the number of factor columns (the LoRA rank or pseudo-rank p) of each task;
 - ``scatter``: (L, K, K) a factor S with S Sᵀ = the scatter of all stored coefficient columns
   (about their mean when the config centres), so a merge never re-decomposes the task stack;
@@ -206,7 +206,7 @@ class FidelityError(ShareError):
 class FactorGroup:
   basis: jax.Array  # (L, d, K)
   rank: jax.Array  # (L,) int32
-  coef: jax.Array  # (L, T, K, P)
+  coef: jax.Array  # (L, K, T, P)
   ncols: jax.Array  # (T, L) int32
   scatter: jax.Array  # (L, K, K)
   energy: jax.Array  # (L,)
@@ -214,12 +214,12 @@ class FactorGroup:
   @property
   def capacity(self) -> tuple[int, int, int]:
     """(K, T, P)."""
-    _, t, k, p = self.coef.shape
+    _, k, t, p = self.coef.shape
     return k, t, p
 
   def task(self, index) -> jax.Array:
     """One task's coefficients (L, K, P) (``index`` an int or a traced scalar)."""
-    return self.coef[:, index]
+    return self.coef[:, :, index]
 
 
 # ----------------------------------------------------------------------------- task ids as arrays

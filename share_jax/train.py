@@ -355,7 +355,7 @@ def task_state(subspace: Subspace, task_id: Hashable) -> TaskState:
 @jax.jit
 def _write(coef, index, value):
   value = jnp.pad(value, ((0, 0), (0, 0), (0, coef.shape[-1] - value.shape[-1])))
-  return jax.lax.dynamic_update_index_in_dim(coef, value, index, axis=1)
+  return jax.lax.dynamic_update_index_in_dim(coef, value, index, axis=2)
 
 
 def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Subspace:
@@ -378,7 +378,7 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
     if trainable.temp[g].shape[-1]:
       raise ShareError(f"task {task_id!r}: temporary factors must be merged (finish_task) first")
     shape = trainable.coef[g].shape
-    n, _, k, p = grp.coef.shape
+    n, k, _, p = grp.coef.shape
     if shape[:2] != (n, k) or shape[2] > p:
       raise ShareError(
         f"task {task_id!r}: coefficients {shape} do not fit group {g} (L, K, P) = {(n, k, p)}"

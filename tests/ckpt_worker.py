@@ -31,7 +31,7 @@ def subspace_for(version: int) -> Subspace:
   group = FactorGroup(
     basis=jnp.asarray(rng.normal(size=(n, D, K)), jnp.float32),
     rank=jnp.full((n,), version % K, jnp.int32),
-    coef=jnp.asarray(rng.normal(size=(T, n, K, P)), jnp.float32),
+    coef=jnp.asarray(rng.normal(size=(n, K, T, P)), jnp.float32),
     ncols=jnp.full((T, n), P, jnp.int32),
     scatter=jnp.asarray(rng.normal(size=(n, K, K)), jnp.float32),
     energy=jnp.asarray(rng.uniform(size=(n,)), jnp.float32),

@@ -65,7 +65,9 @@ def test_reads_format_2(tmp_path, subspaces):
   """A format-2 checkpoint (coefficients stored (T, L, K, P)) restores as the same subspace."""
   s1, _ = subspaces
   old = s1.replace(
-    groups={g: grp.replace(coef=jnp.swapaxes(grp.coef, 0, 1)) for g, grp in s1.groups.items()}
+    groups={
+      g: grp.replace(coef=jnp.transpose(grp.coef, (2, 0, 1, 3))) for g, grp in s1.groups.items()
+    }
   )
   ckpt = Checkpointer(tmp_path)
   ckpt.save(old)

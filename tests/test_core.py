@@ -106,6 +106,35 @@ def test_signs_are_deterministic_and_follow_svd_flip():
       assert np.all(cols[np.abs(cols).argmax(axis=0), np.arange(cols.shape[1])] > 0)
 
 
+@pytest.mark.parametrize(
+  "m, in_span, zero_cols",
+  [(8, False, 0), (8, True, 0), (8, False, 5), (6, True, 3), (90, False, 2), (90, True, 0)],
+)
+def test_small_space_is_orthonormal_and_holds_the_new_columns(m, in_span, zero_cols):
+  """Q = [β, Q_x] orthonormal (zero columns only where β has them or X adds nothing), X = Q Y,
+  for few columns (Gram–Schmidt) and many (Householder), new columns in β's span or not."""
+  rng = np.random.default_rng(m + 7 * zero_cols + in_span)
+  d, k = 64, 12
+  basis = np.linalg.qr(rng.standard_normal((d, k)))[0]
+  basis[:, k - zero_cols :] = 0.0  # inactive capacity columns
+  cols = rng.standard_normal((d, m)) * np.geomspace(1, 1e-4, m)
+  if in_span:
+    cols = basis @ rng.standard_normal((k, m)) + 1e-9 * cols
+  cols[:, -1] = 0.0  # a padding column
+  q, y = (
+    np.asarray(a, np.float64)
+    for a in merge.small_space(jnp.asarray(basis, jnp.float32), jnp.asarray(cols, jnp.float32))
+  )
+  active = k - zero_cols  # Householder may put any direction in an inactive column
+  np.testing.assert_allclose(q[:, :active], basis[:, :active], atol=1e-6)
+  np.testing.assert_allclose(q @ y, cols, atol=2e-6 * np.linalg.norm(cols))
+  norms = np.linalg.norm(q, axis=0)
+  live = norms > 0.5
+  assert np.all((norms < 1e-6) | live)  # columns are unit or zero
+  gram = q[:, live].T @ q[:, live]
+  np.testing.assert_allclose(gram, np.eye(live.sum()), atol=2e-6)
+
+
 @pytest.mark.parametrize("center", [True, False])
 def test_stored_scatter_matches_the_coefficients(center):
   pl = Planted(seed=13)
