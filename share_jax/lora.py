@@ -117,9 +117,10 @@ def init_lora_tree(
 
 
 def add_deltas(params: Any, deltas: dict[str, jax.Array], transposed: Collection[str] = ()) -> Any:
-  """``params`` with W + ΔW at every joined path of ``deltas`` (computed in float32, the kernel's
-  dtype kept). ΔW is the (d_in, d_out) matrix: reshaped to a convolution kernel, transposed for a
-  path in ``transposed``. An error names a path the params lack or a ΔW of the wrong shape."""
+  """``params`` with W + ΔW at every joined path of ``deltas`` (computed in float32, or float64
+  for float64 kernels; the kernel's dtype kept). ΔW is the (d_in, d_out) matrix: reshaped to a
+  convolution kernel, transposed for a path in ``transposed``. An error names a path the params
+  lack or a ΔW of the wrong shape."""
   kernels = flatten_with_paths(params)
   for path, delta in deltas.items():
     if path not in kernels:
@@ -141,7 +142,8 @@ def add_deltas(params: Any, deltas: dict[str, jax.Array], transposed: Collection
     if delta is None:
       return w
     delta = delta.T if key in transposed else delta.reshape(w.shape)
-    return (w.astype(jnp.float32) + delta.astype(jnp.float32)).astype(w.dtype)
+    wide = jnp.promote_types(w.dtype, jnp.float32)
+    return (w.astype(wide) + delta.astype(wide)).astype(w.dtype)
 
   return jax.tree_util.tree_map_with_path(add, params)
 

@@ -149,8 +149,8 @@ def centroid_accuracy(train, test) -> float:
 @pytest.mark.slow  # ~1000 images through 12 blocks, twice
 def test_lite0_features_beat_random_features_on_a_linear_probe(lite0):
   """Mid-level features (blocks 0-11, mean-pooled) of 10-class Fashion-MNIST at 64 px: measured
-  81.8 % (ImageNet) vs 68.5 % (random init). The final 1280-d features are ImageNet-specific and
-  barely beat random ones at this size (72.5 % vs 71.0 % with a ridge probe)."""
+  81.8 % (ImageNet) vs 68.5 % (random init) with nearest class means. Other sizes, probes, MNIST
+  and the final 1280-d features: ``python -m benchmarks.efficientnet_probe`` (RESULTS.md)."""
   from share_jax.experiments.data import split_fashion_mnist
   from share_jax.experiments.vision_efficientnet import to_rgb
 

@@ -36,6 +36,18 @@ def test_keeps_the_parameter_dtype_and_is_differentiable():
   assert float(jnp.abs(grads["enc"]["k"]["kernel"].b).sum()) > 0
 
 
+def test_float64_kernels_are_updated_in_float64():
+  """No round trip through float32: W + ΔW equals the float64 NumPy sum (here ΔW ~ 1e-9·W)."""
+  with jax.enable_x64(True):
+    p = params(jnp.float64)
+    a, b = np.full((4, 1), 1e-5), np.full((1, 6), 1e-4)
+    lora = {"enc": {"k": {"kernel": sj.LoRA(jnp.asarray(a), jnp.asarray(b), transposed=True)}}}
+    out = apply_lora(p, lora)["enc"]["k"]["kernel"]
+    assert out.dtype == jnp.float64
+    want = np.asarray(p["enc"]["k"]["kernel"]) + (a @ b).T
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-15, atol=0)
+
+
 def test_a_lora_for_a_kernel_the_params_lack_is_an_error():
   lora = {"enc": {"v": {"kernel": sj.LoRA(jnp.zeros((6, 1)), jnp.zeros((1, 4)))}}}
   with pytest.raises(sj.ShareError, match="enc/v/kernel"):
