@@ -41,6 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import share_jax as sj  # noqa: E402
+from benchmarks.results_file import mean_std  # noqa: E402
 from configs import text_domains  # noqa: E402
 from share_jax.experiments import report  # noqa: E402
 from share_jax.experiments import run as runner  # noqa: E402
@@ -132,11 +133,6 @@ def measure(method, tasks, reference) -> dict:
   return report.method_result(method, r, time.time() - t0, time.process_time() - c0, reference)
 
 
-def mean_sd(values, spec=".1f") -> str:
-  values = [v for v in values if v is not None]
-  return f"{np.mean(values):{spec}} ± {np.std(values):{spec}}" if values else "-"
-
-
 def summarize(results: dict) -> list[dict]:
   """Per cell (the JSON's keys, head_only first): mean over seeds of every reported number."""
   rows = []
@@ -174,7 +170,7 @@ def markdown(results: dict) -> str:
   ]
   for r in rows:
     lines.append(
-      f"| {r['cell']} | {r['seeds']} | {mean_sd(r['acc'])} | {mean_sd(r['forgetting'])} "
+      f"| {r['cell']} | {r['seeds']} | {mean_std(r['acc'])} | {mean_std(r['forgetting'])} "
       f"| {r['trained']:,.0f} ({r['trained_later']:,.0f}) | {r['stored']:,.0f} "
       f"| {r['shared']:,.0f} | {r['cpu_s']:.0f} |"
     )

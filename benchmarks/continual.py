@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from benchmarks.results_file import mean_std
 from share_jax.experiments import run as runner
 
 _CONFIG, _WORKDIR = runner.define_flags(flags.FLAGS)
@@ -31,13 +32,6 @@ _RESULTS = flags.DEFINE_string(
 )
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: quick config, 2 tasks, 1 seed, no write.")
 SECTION = "## Continual learning (issue 3)"
-
-
-def mean_std(values, spec: str = ".1f") -> str:
-  values = [v for v in values if v is not None]
-  if not values:
-    return "-"
-  return f"{np.mean(values):{spec}} ± {np.std(values):{spec}}"
 
 
 def section(runs: list[dict], command: str) -> str:

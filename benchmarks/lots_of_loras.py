@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 import share_jax as sj
+from benchmarks.results_file import mean_std
 from share_jax.experiments import zoo_train
 from share_jax.lora import LoRA, lora_leaves
 from share_jax.paths import nest
@@ -533,8 +534,7 @@ def seeds_table(runs: list[dict]) -> str:
     v = [r["methods"][name][key] for r in runs]
     if any(x is None for x in v):
       return "-"
-    v = scale * np.asarray(v, np.float64)
-    return f"{v.mean():{spec}} ± {v.std():{spec}}"
+    return mean_std(scale * np.asarray(v, np.float64), spec)
 
   lines = [
     f"Seeds {[r['zoo']['settings']['seed'] for r in runs]} ({runs[0]['num_tasks']} tasks each); "

@@ -8,8 +8,17 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def mean_std(values, spec: str = ".1f") -> str:
+  """``mean ± sd`` (population sd) of the values that are not None, or ``-`` if none are."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  return f"{np.mean(values):{spec}} ± {np.std(values):{spec}}"
 
 
 def write_section(heading: str, text: str) -> None:
