@@ -82,9 +82,8 @@ def _delta_norm2(full: dict[str, jax.Array], layout: Layout) -> jax.Array:
 def merge_record(kept: dict, res: dict, layout: Layout) -> tuple[jax.Array, ...]:
   """Per task (T,), from the Grams of what a merge kept and dropped ({group: (T, L, P, P)}):
   ‖ΔW − P_α ΔW P_β‖ (the merge's loss), ‖ΔW‖ before it and ‖P_α ΔW P_β‖ after it."""
-  full = {
-    g: kept[g] + res[g] for g in kept
-  }  # the rotation is orthonormal: PSD parts, no cancelling
+  # The rotation is orthonormal, so the Gram before is the sum of two PSD parts: no cancelling.
+  full = {g: kept[g] + res[g] for g in kept}
   total = 0.0
   for (ga, ra), (gb, rb) in _pairs(layout):
     fa, fb, qa, qb = full[ga][:, ra], full[gb][:, rb], res[ga][:, ra], res[gb][:, rb]
