@@ -260,7 +260,7 @@ def time_share(subs: dict, new: dict, reps: int, profile: bool) -> dict:
   return res
 
 
-def xla_ops(calls: list[profiling.KernelCall], reps: int, top: int = 8) -> list[tuple[str, float]]:
+def xla_ops(calls: list[profiling.KernelCall], reps: int, top: int = 16) -> list[tuple[str, float]]:
   """(XLA op, ms per call) of the ``merge_group`` calls, from a ``jax.profiler`` trace."""
   import collections
   import glob

@@ -136,27 +136,33 @@ def _stack_factors(scatter, coef_sum, n_old, y, y_valid, center: bool):
 
 
 def _rotation(f: jax.Array, g: jax.Array, center: bool) -> jax.Array:
-  """An orthonormal n × n V whose leading columns are the best bases (see the module doc)."""
-  u, _, _ = jnp.linalg.svd(f, full_matrices=False)
+  """An orthonormal n × n V whose leading columns are the best bases (see the module doc).
+
+  One SVD either way: with a mean direction v0, of H F with H the Householder reflection taking
+  v0 to ±e_1, its first row (F along μ) replaced by a single entry larger than ‖F‖, so that e_1
+  comes first and the rest are the principal directions of F with μ removed; V = H U."""
   n = f.shape[0]
   if not center or n == 1:
-    return u
+    return jnp.linalg.svd(f, full_matrices=False)[0]
   mean = g[:, -1]
   norm = jnp.linalg.norm(mean)
   has_mean = norm > n * _EPS32 * jnp.linalg.norm(g)
   v0 = mean / jnp.where(has_mean, norm, 1.0)
-  # Householder H (symmetric, orthogonal) with H v0 = ∓e_1: rows 2… of H F are F with μ removed.
   h = v0.at[0].add(jnp.where(v0[0] >= 0, 1.0, -1.0))
-  h = h / jnp.maximum(jnp.linalg.norm(h), 1e-30)
-  house = jnp.eye(n) - 2.0 * jnp.outer(h, h)
-  rest, _, _ = jnp.linalg.svd(mm("nm,mc->nc", house, f)[1:], full_matrices=False)
-  v_mean = jnp.concatenate([house[:, :1], mm("nm,mj->nj", house[:, 1:], rest)], axis=1)
-  return jnp.where(has_mean, v_mean, u)
+  h = h * (has_mean / jnp.maximum(jnp.linalg.norm(h), 1e-30))
+  house = jnp.eye(n) - 2.0 * jnp.outer(h, h)  # the identity when there is no mean direction
+  hf = mm("nm,mc->nc", house, f)
+  f_norm = jnp.linalg.norm(f)
+  lead = jnp.where(has_mean, 2.0 * f_norm + (f_norm == 0), 0.0)
+  first = jnp.zeros((n, 1), f.dtype).at[0, 0].set(lead)
+  hf = hf.at[0].multiply(1.0 - has_mean)
+  u, _, _ = jnp.linalg.svd(jnp.concatenate([first, hf], axis=1), full_matrices=False)
+  return mm("nm,mj->nj", house, u)
 
 
 def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
   """The k (>= 1, <= limit) that the rule asks for, given the rotation's column energies (n,) and
-  the tasks' rotated coordinates ``w`` (T, P, n)."""
+  the tasks' rotated coordinates ``w`` (n, T, P)."""
   if rule.kind == "k":
     return jnp.asarray(min(int(rule.value), rule.limit), jnp.int32)
   if rule.kind == "explained_variance":
@@ -164,7 +170,7 @@ def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
     cum = jnp.cumsum(c)
     want = 1 + jnp.sum(cum[:-1] < rule.value * cum[-1])
   else:  # max_task_error: per task, this side's share of the budget (fidelity module doc)
-    drop = jnp.einsum("tpi,tpq,tqi->ti", w, partner, w, precision=HIGHEST)
+    drop = jnp.sum(mm("itp,tpq->itq", w, partner) * w, axis=2).T
     suffix = jnp.cumsum(drop[:, ::-1], axis=1)[:, ::-1]  # Σ_{i >= k}, no cancellation
     suffix = jnp.concatenate([suffix, jnp.zeros_like(suffix[:, :1])], axis=1)
     own = jnp.sum(drop, axis=1)  # ‖ΔW_kernel‖² (the rotation is orthonormal)
@@ -172,6 +178,12 @@ def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
     ok = jnp.all(suffix <= allow[:, None], axis=0)
     want = jnp.maximum(jnp.argmax(ok), 1)
   return jnp.minimum(want, rule.limit).astype(jnp.int32)
+
+
+def _task_grams(w: jax.Array) -> jax.Array:
+  """Per task, Σ_i w_iᵀ w_i: (n, T, P) → (T, P, P). A broadcast product reduced over the leading
+  axis (XLA CPU runs it several times faster than T tiny batched dots)."""
+  return jnp.sum(w[:, :, :, None] * w[:, :, None, :], axis=0)
 
 
 def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *, k_out, rule):
@@ -185,10 +197,10 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   n_old = jnp.sum(ncols).astype(jnp.float32)
   f, g = _stack_factors(scatter, jnp.sum(coef, axis=(1, 2)), n_old, y, y_valid, rule.center)
   v = _rotation(f, g, rule.center)
-  # Every task's coordinates in the rotated space, task-major (T, P, n) for the per-task Grams;
-  # old tasks' coordinates are their coefficients, the new tasks' are Y.
-  w = mm("ktp,ki->tpi", coef, v[:k_in])
-  w = jax.lax.dynamic_update_slice_in_dim(w, mm("nmp,ni->mpi", y.reshape(n, m, p), v), start, 0)
+  # Every task's coordinates in the rotated space (n, T, P), one GEMM over all tasks: old tasks'
+  # coordinates are their coefficients, the new tasks' are Y.
+  w = mm("ki,ktp->itp", v[:k_in], coef)
+  w = jax.lax.dynamic_update_slice_in_dim(w, mm("ni,nmp->imp", v, y.reshape(n, m, p)), start, 1)
   energies = jnp.sum(mm("ni,nc->ic", v, f) ** 2, axis=1)
   size = max(f.shape)
   kept_g = jnp.sum(mm("ni,nc->ic", v, g) ** 2, axis=1)
@@ -197,17 +209,17 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   want = _want(rule, energies, w, partner, beta, size)
   k_sel = jnp.minimum(jnp.minimum(want, min(k_out, n)), jnp.maximum(rank, 1))
   keep = (jnp.arange(n) < k_sel).astype(jnp.float32)
-  # Per task, the Grams of the part kept and the part dropped (batched over a contiguous n).
-  kept_part, drop_part = w * keep, w * (1.0 - keep)
-  kept_gram = mm("tpi,tqi->tpq", kept_part, kept_part)
-  res = mm("tpi,tqi->tpq", drop_part, drop_part)
-  v_k = jnp.pad(v * keep, ((0, 0), (0, max(k_out - n, 0))))[:, :k_out]
+  # Per task, the Grams of the part kept and the part dropped (sums of PSD terms: no cancelling).
+  kept_gram = _task_grams(w * keep[:, None, None])
+  res = _task_grams(w * (1.0 - keep)[:, None, None])
+  pad = max(k_out - n, 0)
+  v_k = jnp.pad(v * keep, ((0, 0), (0, pad)))[:, :k_out]
   new_basis = mm("dn,nk->dk", q, v_k)
   flip = svd_flip_columns(new_basis)
   new_basis, v_k = new_basis * flip, v_k * flip
-  new_coef = mm("ki,ktp->itp", v_k[:k_in], coef)  # one GEMM: (k_out, K) x (K, T·P)
-  new_rows = mm("ni,nmp->imp", v_k, y.reshape(n, m, p))
-  new_coef = jax.lax.dynamic_update_slice_in_dim(new_coef, new_rows, start, 1)
+  # Each task's new coefficients are its kept rotated coordinates, sign-flipped: rows of w.
+  scale = jnp.pad(keep, (0, pad))[:k_out] * flip
+  new_coef = scale[:, None, None] * jnp.pad(w, ((0, pad), (0, 0), (0, 0)))[:k_out]
   proj = mm("nk,nc->ck", v_k, f)  # (c, K): S Sᵀ = projᵀ proj
   proj = jnp.pad(proj, ((0, max(k_out - proj.shape[0], 0)), (0, 0)))
   new_scatter = jnp.linalg.qr(proj, mode="r").T
