@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from share_jax.merge import mm
+from share_jax.merge import mm, task_grams
 from share_jax.subspace import SIDES, FidelityError, FidelityWarning, Layout, Subspace
 
 _SLACK = 1e-5  # float32 round-off allowed over a threshold (relative error)
@@ -40,7 +40,7 @@ def _pairs(layout: Layout) -> list[tuple[tuple[str, int], tuple[str, int]]]:
 
 def grams(coef: jax.Array) -> jax.Array:
   """p × p Grams of every task's coefficients: (L, K, T, P) → (T, L, P, P)."""
-  return mm("lktp,lktq->tlpq", coef, coef)
+  return jnp.swapaxes(jax.vmap(task_grams)(coef), 0, 1)
 
 
 def column_grams(x: jax.Array) -> jax.Array:
