@@ -2,7 +2,8 @@
 vlora-dev on the same PEFT adapter directories.
 
     python -m benchmarks.lots_of_loras --workdir DIR [--quick] [--seed N] [--kind text|fashion]
-        [--zoo-dir ZOO] [--tiny] [--results-md]
+        [--backbone efficientnet] [--zoo-dir ZOO] [--tiny] [--share-k K ...] [--vlora-k K ...]
+        [--results-md]
 
 Trains the zoo first if ``ZOO`` (default ``DIR/zoo``) has none (``share_jax.experiments.
 zoo_train``). Every method turns the zoo's adapters into a stored form and back into one LoRA per
@@ -19,7 +20,9 @@ asynchronously (``init_subspace`` on the first 50 adapters, ``absorb`` the rest 
 50) at several fixed k and explained-variance thresholds, Share all at once and one at a time for
 the headline setting, ``lorashare`` (``SHAREModel.from_adapters`` → ``reconstruct`` to PEFT dirs)
 and ``vlora`` (``SharedSubspace.from_adapters`` → ``reconstruct`` → ``save_adapter``); peers
-that are not installed are skipped with a message. Outputs in DIR: ``results.json``,
+that are not installed are skipped with a message. On the EfficientNet zoo the adapters are
+1×1 Conv2d LoRAs: vlora reads them as written; lorashare (2-D factors only) gets the equal
+Linear LoRAs (``results.json`` ``peer_inputs`` says so). Outputs in DIR: ``results.json``,
 ``frontier.png``, ``early_tasks.png``, ``per_task.png``.
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import platform
 import shutil
@@ -41,6 +45,7 @@ import numpy as np
 
 import share_jax as sj
 from benchmarks.results_file import mean_std
+from share_jax import peft_io
 from share_jax.experiments import zoo_train
 from share_jax.lora import LoRA, lora_leaves
 from share_jax.paths import nest
@@ -153,12 +158,33 @@ def peer_status() -> dict[str, str]:
   return out
 
 
-def lorashare_outcome(lz, names, k, tmp: Path) -> Outcome:
+def linear_copies(lz, names, tmp: Path) -> dict[str, Path] | None:
+  """The zoo's adapters as Linear LoRAs if they are 1×1 Conv2d LoRAs, else None (use them as
+  they are). lorashare stacks 2-D factors only (its ``.T`` on lora_A (r, c_in, 1, 1) breaks);
+  a 1×1 conv's lora_A (r, c_in, 1, 1), lora_B (c_out, r, 1, 1) hold exactly the numbers of a
+  Linear LoRA (r, c_in), (c_out, r) with the same ΔW (c_in, c_out), so this is no
+  approximation; the reconstructions come back as Linear LoRAs and act on the 1×1 kernels."""
+  first = peft_io.read_adapter(lz.adapter_dir(names[0]), scheme=zoo_train.SCHEME)
+  shapes = first.shapes.values()
+  if all(len(shape) == 2 for shape in shapes):
+    return None
+  if not all(len(shape) == 2 or shape[:2] == (1, 1) for shape in shapes):
+    raise ValueError(f"lorashare: convolutions other than 1×1 have no Linear form: {first.shapes}")
+  out = {}
+  for n in names:
+    a = peft_io.read_adapter(lz.adapter_dir(n), scheme=zoo_train.SCHEME)
+    out[n] = tmp / "linear" / n
+    peft_io.write_adapter(out[n], a.lora, scheme=zoo_train.SCHEME, heads=a.heads)
+  return out
+
+
+def lorashare_outcome(lz, names, k, tmp: Path, linear: dict[str, Path] | None) -> Outcome:
+  """``linear``: the Linear copies of 1×1 Conv2d adapters (``linear_copies``), or None."""
   import torch
   from lorashare import SHAREModel
 
   torch.set_num_threads(1)
-  paths = {n: str(lz.adapter_dir(n)) for n in names}
+  paths = {n: str(linear[n] if linear else lz.adapter_dir(n)) for n in names}
   model, sec = _timed(lambda: SHAREModel.from_adapters(paths, num_components=k))
   params = sum(int(c.numel()) for c in model.components.values())
   params += sum(int(x.numel()) for ld in model.all_loadings.values() for x in ld.values())
@@ -166,7 +192,10 @@ def lorashare_outcome(lz, names, k, tmp: Path) -> Outcome:
   for n in names:
     out = tmp / f"lorashare_{k}" / n
     model.reconstruct(n, output_dir=out)
-    loras[n], _ = zoo_train.read_zoo_adapter(lz, n, out)
+    if linear:  # (c_in, r), (r, c_out) factors: no (1, 1, c_in, c_out) kernel shape to check
+      loras[n] = peft_io.read_adapter(out, scheme=zoo_train.SCHEME).lora
+    else:
+      loras[n], _ = zoo_train.read_zoo_adapter(lz, n, out)
   return Outcome(f"lorashare k={k}", "lorashare", loras, params, sec, {"k": k})
 
 
@@ -266,27 +295,30 @@ class Scorer:
 
 
 def settings_for(args) -> zoo_train.Settings:
+  if args.backbone and args.kind != "fashion":
+    raise ValueError("--backbone is for --kind fashion")
   s = (
-    zoo_train.Settings.quick(args.kind, tiny=args.tiny)
+    zoo_train.Settings.quick(args.kind, tiny=args.tiny, backbone=args.backbone)
     if args.quick
-    else zoo_train.Settings.full(args.kind)
+    else zoo_train.Settings.full(args.kind, backbone=args.backbone)
   )
   return dataclasses.replace(s, seed=args.seed)
 
 
-def grid(quick: bool, minimal: bool, d: int) -> dict:
+def grid(quick: bool, minimal: bool, d: int, share_k=None, vlora_k=None) -> dict:
   """Settings swept per method (k values capped by the kernel width d); ``minimal``: one point
-  per method (tests)."""
+  per method (tests); ``share_k`` / ``vlora_k``: other k values (Share and lorashare / vlora)."""
   if minimal:
     ks = (2,)
   else:
     ks = [k for k in ((2, 4, 8) if quick else (4, 8, 16)) if k <= d]
+  ks = share_k or ks
   return {
     "share_k": ks,
     "share_ev": () if minimal else (0.6, 0.9) if quick else (0.6,),
     "share_tau": (0.3,) if quick else (0.2, 0.35, 0.5),
     "lorashare_k": ks,
-    "vlora_k": (2,) if minimal else (2, 8) if quick else (8, 32),
+    "vlora_k": vlora_k or ((2,) if minimal else (2, 8) if quick else (8, 32)),
     "truncate": (1,) if minimal else (1, 2),
     "headline": {"explained_variance": 0.6},
   }
@@ -305,7 +337,7 @@ def run(args) -> dict:
     originals[n], heads[n] = zoo_train.read_zoo_adapter(lz, n)
   params = lz.backbone.params
   d = min(min(x.a.shape[0], x.b.shape[1]) for x in lora_leaves(originals[names[0]]).values())
-  g = grid(args.quick, args.minimal, d)
+  g = grid(args.quick, args.minimal, d, args.share_k, args.vlora_k)
   scorer = Scorer(lz, names, originals, heads)
   original_params = sum(lora_params(originals[n]) for n in names)
   original_bytes = original_params * FLOAT_BYTES
@@ -395,8 +427,15 @@ def run(args) -> dict:
   batch_seconds["share one at a time (ev=0.6)"] = steps
 
   peers = peer_status()
+  linear = linear_copies(lz, names, tmp) if peers["lorashare"] == "ok" else None
+  peer_inputs = {
+    "lorashare": "Linear copies of the 1×1 Conv2d adapters (exactly equal ΔW)"
+    if linear
+    else "the zoo's adapter directories",
+    "vlora": "the zoo's adapter directories",
+  }
   for peer, make, ks in (
-    ("lorashare", lorashare_outcome, g["lorashare_k"]),
+    ("lorashare", functools.partial(lorashare_outcome, linear=linear), g["lorashare_k"]),
     ("vlora", vlora_outcome, [k for k in g["vlora_k"] if k < len(names)]),
   ):
     if peers[peer] != "ok":
@@ -423,6 +462,7 @@ def run(args) -> dict:
       "head_bytes": scorer.head_bytes,
     },
     "peers": peers,
+    "peer_inputs": peer_inputs,
     "max_task_error_available": has_tau,
     "methods": methods,
     "early_tasks": {"rule": head_spec, "tasks": len(early), "batch": batch, "curve": curve},
@@ -570,7 +610,7 @@ def section(results: dict) -> str:
     f"{z['backbone']}; settings {z['settings']}",
     f"- mean test accuracy: original LoRAs {z['mean_lora_acc']:.3f}; majority class "
     f"{z['mean_majority_acc']:.3f}; zoo training {z['train_seconds']:.0f} s",
-    f"- peers: {results['peers']}",
+    f"- peers: {results['peers']}; inputs: {results.get('peer_inputs')}",
     f"- `max_task_error` available: {results['max_task_error_available']}",
     "",
     table(results),
@@ -595,6 +635,11 @@ def parse(argv=None):
   p.add_argument("--tiny", action="store_true", help="with --quick: a random tiny backbone")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--kind", default="text", choices=("text", "fashion"))
+  p.add_argument(
+    "--backbone", default=None, choices=("efficientnet",), help="fashion only (default: vit)"
+  )
+  p.add_argument("--share-k", type=int, nargs="+", default=None, help="Share / lorashare k")
+  p.add_argument("--vlora-k", type=int, nargs="+", default=None, help="vlora k")
   p.add_argument("--zoo-dir", default=None, help="a trained zoo to reuse (default DIR/zoo)")
   p.add_argument("--batch", type=int, default=None, help="absorb batch (default 50; quick 8)")
   p.add_argument("--minimal", action="store_true", help="one point per method (tests)")

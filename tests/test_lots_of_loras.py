@@ -82,6 +82,42 @@ def test_truncate_and_delta_error_match_numpy():
   assert lots_of_loras.delta_error(None, {"k/kernel": w}) == 1.0
 
 
+def test_conv_adapters_round_trip_and_give_lorashare_equal_linear_loras(tmp_path):
+  """EfficientNet zoos: 1×1 conv LoRAs are written as PEFT Conv2d LoRAs and read back equal; the
+  Linear copies lorashare gets hold the same ΔW (float64 reference)."""
+  rng = np.random.default_rng(0)
+  shapes = {
+    "params/block_1/expand_conv/kernel": (1, 1, 6, 10),
+    "params/head_conv/kernel": (1, 1, 10, 12),
+  }
+  params = nest({p: np.zeros(s, np.float32) for p, s in shapes.items()})
+  flat = {
+    p: LoRA(
+      rng.normal(size=(s[2], 3)).astype(np.float32), rng.normal(size=(3, s[3])).astype(np.float32)
+    )
+    for p, s in shapes.items()
+  }
+  tree = nest(flat)
+  assert zoo_train.conv_shapes(params, tree) == shapes
+  head = {zoo_train.HEAD: {"kernel": rng.normal(size=(12, 2)), "bias": np.zeros(2)}}
+  peft_io.write_adapter(
+    tmp_path / "zoo" / "t", tree, scheme=zoo_train.SCHEME, heads=head, kernel_shapes=shapes
+  )
+  back = peft_io.read_adapter(tmp_path / "zoo" / "t", scheme=zoo_train.SCHEME, params=params)
+  assert back.modules["params/head_conv/kernel"] == "head_conv" and back.shapes == shapes
+  lz = type("Zoo", (), {"adapter_dir": lambda self, n: tmp_path / "zoo" / n})()
+  linear = lots_of_loras.linear_copies(lz, ["t"], tmp_path / "peers")
+  copy = peft_io.read_adapter(linear["t"], scheme=zoo_train.SCHEME)
+  assert all(len(s) == 2 for s in copy.shapes.values())
+  for got in (back.lora, copy.lora):
+    for p, w in lots_of_loras.deltas(got).items():
+      want = flat[p].a.astype(np.float64) @ flat[p].b.astype(np.float64)
+      np.testing.assert_allclose(w, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    copy.heads[zoo_train.HEAD]["kernel"], head[zoo_train.HEAD]["kernel"], rtol=1e-6
+  )
+
+
 def _need_text_data():
   for cls in (bbc_news.BbcNews, tweet_sentiment.TweetSentiment):
     path = cls().default_source()

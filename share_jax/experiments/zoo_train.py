@@ -2,6 +2,7 @@
 each written as a PEFT adapter directory, and reading the zoo back for evaluation.
 
     python -m share_jax.experiments.zoo_train --out DIR [--kind text|fashion] [--quick]
+        [--backbone efficientnet]
 
 ``DIR/zoo.json`` holds the settings and one row per task (classes, split sizes, majority-class
 accuracy, the LoRA's test accuracy, the accuracy of its head with the adapter removed, training
@@ -34,11 +35,21 @@ from share_jax import peft_io
 from share_jax.experiments import backbones, fitting, zoo
 from share_jax.experiments.backbones import Backbone, Inputs
 
-# Flax kernel paths "params/layer_{i}/attention/{query,value}/kernel" ↔ BERT-style PEFT modules.
+# Flax kernel paths "params/layer_{i}/attention/{query,value}/kernel" ↔ BERT-style PEFT modules;
+# any other kernel (EfficientNet's "params/block_15/expand_conv/kernel") ↔ its path less "params/"
+# ("block_15.expand_conv", a PEFT Conv2d LoRA).
 SCHEME = peft_io.Scheme(
-  "zoo", (("encoder.layer.{i}.attention.self.{qkv}", "params/layer_{i}/attention/{qkv}"),)
+  "zoo",
+  (
+    ("encoder.layer.{i}.attention.self.{qkv}", "params/layer_{i}/attention/{qkv}"),
+    ("{path}", "params/{path}"),
+  ),
 )
 HEAD = "classifier"
+# EfficientNet-Lite0 zoos: Fashion-MNIST upsampled to this size, the last 2 blocks + head adapted.
+EFFICIENTNET_IMAGE_SIZE = 96
+EFFICIENTNET_ADAPT_BLOCKS = 2
+BACKBONES = ("minilm", "tiny_bert", "vit", "vit_tiny", "efficientnet", "efficientnet_tiny")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,20 +70,23 @@ class Settings:
   max_tasks: int | None = None
 
   @classmethod
-  def quick(cls, kind: str = "text", tiny: bool = False) -> Settings:
+  def quick(cls, kind: str = "text", tiny: bool = False, backbone: str | None = None) -> Settings:
     """≥ 20 tasks, few examples; ``tiny``: a random tiny backbone (tests, no assets needed for
-    the model; the data still come from the installed packages)."""
+    the model; the data still come from the installed packages). ``backbone``: "efficientnet"
+    for a fashion zoo on EfficientNet-Lite0 (default: the kind's own)."""
     base = cls(kind=kind, n_train=24, n_test=16, epochs=4, max_tasks=22, batch_size=16)
     if kind == "fashion":
-      base = dataclasses.replace(base, backbone="vit_tiny" if tiny else "vit", frozen_layers=0)
-    elif tiny:
+      vision = backbone or "vit"
+      base = dataclasses.replace(base, backbone=f"{vision}_tiny" if tiny else vision)
+      return dataclasses.replace(base, frozen_layers=0)
+    if tiny:
       base = dataclasses.replace(base, backbone="tiny_bert", max_len=16, frozen_layers=1)
     return base
 
   @classmethod
-  def full(cls, kind: str = "text") -> Settings:
+  def full(cls, kind: str = "text", backbone: str | None = None) -> Settings:
     if kind == "fashion":
-      return cls(kind="fashion", backbone="vit", frozen_layers=0, n_test=64)
+      return cls(kind="fashion", backbone=backbone or "vit", frozen_layers=0, n_test=64)
     return cls()
 
 
@@ -85,7 +99,22 @@ def make_backbone(s: Settings, cache_dir: Path) -> Backbone:
     from share_jax.experiments import vision
 
     return vision.vit_backbone(cache_dir=cache_dir, quick=s.backbone == "vit_tiny", seed=0)
-  raise ValueError(f"unknown backbone {s.backbone!r}; known: minilm, tiny_bert, vit, vit_tiny")
+  if s.backbone in ("efficientnet", "efficientnet_tiny"):
+    from share_jax.experiments import vision_efficientnet
+
+    return vision_efficientnet.efficientnet_backbone(
+      image_size=EFFICIENTNET_IMAGE_SIZE,
+      adapt_blocks=EFFICIENTNET_ADAPT_BLOCKS,
+      quick=s.backbone == "efficientnet_tiny",
+      seed=0,
+    )
+  raise ValueError(f"unknown backbone {s.backbone!r}; known: {', '.join(BACKBONES)}")
+
+
+def conv_shapes(params: Any, lora: Any) -> dict[str, tuple[int, ...]]:
+  """{path: (kh, kw, c_in, c_out)} of the convolution kernels ``lora`` adapts (PEFT Conv2d)."""
+  kernels = sj.flatten_with_paths(params)
+  return {p: tuple(np.shape(kernels[p])) for p in sj.lora_leaves(lora) if np.ndim(kernels[p]) == 4}
 
 
 def universe_key(universe) -> str:
@@ -242,7 +271,13 @@ def train_zoo(s: Settings, directory: str | Path, data_dir=None, log=None) -> Lo
     out = lz.adapter_dir(task.name)
     if out.exists():  # a run killed between writing the adapter and the manifest
       shutil.rmtree(out)
-    peft_io.write_adapter(out, lora, scheme=SCHEME, heads=to_peft_head(head))
+    peft_io.write_adapter(
+      out,
+      lora,
+      scheme=SCHEME,
+      heads=to_peft_head(head),
+      kernel_shapes=conv_shapes(lz.backbone.params, lora),
+    )
     row = {
       "name": task.name,
       "family": spec_task.spec.family,
@@ -286,8 +321,14 @@ def main(argv=None) -> None:
   parser.add_argument("--kind", default="text", choices=("text", "fashion"))
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument(
+    "--backbone", default=None, choices=("efficientnet",), help="fashion only (default: vit)"
+  )
   args = parser.parse_args(argv)
-  s = Settings.quick(args.kind) if args.quick else Settings.full(args.kind)
+  if args.backbone and args.kind != "fashion":
+    parser.error("--backbone is for --kind fashion")
+  make = Settings.quick if args.quick else Settings.full
+  s = make(args.kind, backbone=args.backbone)
   train_zoo(dataclasses.replace(s, seed=args.seed), args.out)
 
 
