@@ -2,7 +2,7 @@
 each written as a PEFT adapter directory, and reading the zoo back for evaluation.
 
     python -m share_jax.experiments.zoo_train --out DIR [--kind text|fashion] [--quick]
-        [--backbone efficientnet]
+        [--backbone efficientnet] [--lr LR]
 
 ``DIR/zoo.json`` holds the settings and one row per task (classes, split sizes, majority-class
 accuracy, the LoRA's test accuracy, the accuracy of its head with the adapter removed, training
@@ -321,6 +321,7 @@ def main(argv=None) -> None:
   parser.add_argument("--kind", default="text", choices=("text", "fashion"))
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--lr", type=float, default=None, help="Adam step (default 1e-2)")
   parser.add_argument(
     "--backbone", default=None, choices=("efficientnet",), help="fashion only (default: vit)"
   )
@@ -329,7 +330,8 @@ def main(argv=None) -> None:
     parser.error("--backbone is for --kind fashion")
   make = Settings.quick if args.quick else Settings.full
   s = make(args.kind, backbone=args.backbone)
-  train_zoo(dataclasses.replace(s, seed=args.seed), args.out)
+  s = dataclasses.replace(s, seed=args.seed, lr=args.lr or s.lr)
+  train_zoo(s, args.out)
 
 
 if __name__ == "__main__":
