@@ -116,6 +116,10 @@ def test_conv_adapters_round_trip_and_give_lorashare_equal_linear_loras(tmp_path
   np.testing.assert_allclose(
     copy.heads[zoo_train.HEAD]["kernel"], head[zoo_train.HEAD]["kernel"], rtol=1e-6
   )
+  # Linear (BERT-style) adapters go to lorashare as they are.
+  bert = nest({"params/layer_0/attention/query/kernel": flat["params/head_conv/kernel"]})
+  peft_io.write_adapter(tmp_path / "zoo" / "q", bert, scheme=zoo_train.SCHEME)
+  assert lots_of_loras.linear_copies(lz, ["q"], tmp_path / "peers") is None
 
 
 def _need_text_data():
