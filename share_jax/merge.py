@@ -43,6 +43,7 @@ from share_jax.subspace import FactorGroup
 
 HIGHEST = jax.lax.Precision.HIGHEST
 _EPS32 = float(jnp.finfo(jnp.float32).eps)
+_CHUNK = 256  # task rows re-projected per loop step: work follows the tasks held, not capacity
 
 
 class Rule(NamedTuple):
@@ -188,6 +189,32 @@ def task_grams(w: jax.Array) -> jax.Array:
   return jnp.sum(w[:, :, :, None] * w[:, :, None, :], axis=0)
 
 
+def _task_outputs(w, keep, scale, k_out: int):
+  """For tasks with rotated coordinates w (n, t, P): their new coefficients (k_out, t, P), the
+  kept rows sign-flipped, and the Grams (t, P, P) of what is kept and dropped (sums of PSD terms:
+  no cancelling)."""
+  pad = max(k_out - w.shape[0], 0)
+  new = scale[:, None, None] * jnp.pad(w, ((0, pad), (0, 0), (0, 0)))[:k_out]
+  return new, task_grams(w * keep[:, None, None]), task_grams(w * (1.0 - keep)[:, None, None])
+
+
+def _reproject(coef, v_old, keep, scale, rows, k_out: int):
+  """``_task_outputs`` of every stored task (coef (K, T, P), rotated by v_old (K, n)), one chunk
+  of task rows at a time up to ``rows``; rows after it are empty and stay zero. A last chunk past
+  T is clamped back by dynamic_slice: its overlap is recomputed and written unchanged."""
+  _, t, p = coef.shape
+  chunk = min(t, _CHUNK)
+  out = (jnp.zeros((k_out, t, p)), jnp.zeros((t, p, p)), jnp.zeros((t, p, p)))
+
+  def body(c, out):
+    i = c * chunk
+    w = mm("ki,ktp->itp", v_old, jax.lax.dynamic_slice_in_dim(coef, i, chunk, 1))
+    parts = zip(out, _task_outputs(w, keep, scale, k_out), (1, 0, 0), strict=True)
+    return tuple(jax.lax.dynamic_update_slice_in_dim(o, r, i, ax) for o, r, ax in parts)
+
+  return jax.lax.fori_loop(0, (rows + chunk - 1) // chunk, body, out)
+
+
 def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *, k_out, rule):
   """One (kernel, side) slot. basis (d, K), coef (K, T, P), partner (T, P, P), x (m, d, P)."""
   d, k_in = basis.shape
@@ -199,29 +226,30 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   n_old = jnp.sum(ncols).astype(jnp.float32)
   f, g = _stack_factors(scatter, jnp.sum(coef, axis=(1, 2)), n_old, y, y_valid, rule.center)
   v = _rotation(f, g, rule.center)
-  # Every task's coordinates in the rotated space (n, T, P), one GEMM over all tasks: old tasks'
-  # coordinates are their coefficients, the new tasks' are Y.
-  w = mm("ki,ktp->itp", v[:k_in], coef)
-  w = jax.lax.dynamic_update_slice_in_dim(w, mm("ni,nmp->imp", v, y.reshape(n, m, p)), start, 1)
+  # Coordinates in the rotated space (n, ·, P): old tasks' are their coefficients, new ones' Y.
+  w_new = mm("ni,nmp->imp", v, y.reshape(n, m, p))
+  w_all = None
+  if rule.kind == "max_task_error":  # the rule reads every task's rotated coordinates
+    w_all = jax.lax.dynamic_update_slice_in_dim(mm("ki,ktp->itp", v[:k_in], coef), w_new, start, 1)
   energies = jnp.sum(mm("ni,nc->ic", v, f) ** 2, axis=1)
   size = max(f.shape)
   kept_g = jnp.sum(mm("ni,nc->ic", v, g) ** 2, axis=1)
   # Directions without energy are round-off: never keep them, whatever the rule.
   rank = jnp.sum(kept_g > (size * _EPS32) ** 2 * jnp.max(kept_g))
-  want = _want(rule, energies, w, partner, beta, size)
+  want = _want(rule, energies, w_all, partner, beta, size)
   k_sel = jnp.minimum(jnp.minimum(want, min(k_out, n)), jnp.maximum(rank, 1))
   keep = (jnp.arange(n) < k_sel).astype(jnp.float32)
-  # Per task, the Grams of the part kept and the part dropped (sums of PSD terms: no cancelling).
-  kept_gram = task_grams(w * keep[:, None, None])
-  res = task_grams(w * (1.0 - keep)[:, None, None])
   pad = max(k_out - n, 0)
   v_k = jnp.pad(v * keep, ((0, 0), (0, pad)))[:, :k_out]
   new_basis = mm("dn,nk->dk", q, v_k)
   flip = svd_flip_columns(new_basis)
   new_basis, v_k = new_basis * flip, v_k * flip
-  # Each task's new coefficients are its kept rotated coordinates, sign-flipped: rows of w.
   scale = jnp.pad(keep, (0, pad))[:k_out] * flip
-  new_coef = scale[:, None, None] * jnp.pad(w, ((0, pad), (0, 0), (0, 0)))[:k_out]
+  out = _reproject(coef, v[:k_in], keep, scale, start + m, k_out)
+  new_coef, kept_gram, res = (
+    jax.lax.dynamic_update_slice_in_dim(o, r, start, ax)
+    for o, r, ax in zip(out, _task_outputs(w_new, keep, scale, k_out), (1, 0, 0), strict=True)
+  )
   proj = mm("nk,nc->ck", v_k, f)  # (c, K): S Sᵀ = projᵀ proj
   proj = jnp.pad(proj, ((0, max(k_out - proj.shape[0], 0)), (0, 0)))
   new_scatter = jnp.linalg.qr(proj, mode="r").T

@@ -106,6 +106,29 @@ def test_signs_are_deterministic_and_follow_svd_flip():
       assert np.all(cols[np.abs(cols).argmax(axis=0), np.arange(cols.shape[1])] > 0)
 
 
+@pytest.mark.parametrize("rows, k_out", [(7, 6), (10, 9)])
+def test_reprojection_in_chunks_equals_one_pass(monkeypatch, rows, k_out):
+  """Re-projection loops over chunks of task rows up to the last held one (the last chunk clamped
+  back when it would run past capacity): new coefficients and kept / dropped Grams equal a float64
+  one-pass reference; rows after the held ones stay zero."""
+  monkeypatch.setattr(merge, "_CHUNK", 4)
+  rng = np.random.default_rng(rows)
+  k, t, p, n = 5, 10, 3, 7
+  coef = rng.standard_normal((k, t, p))
+  coef[:, rows:] = 0.0
+  v = np.linalg.qr(rng.standard_normal((n, n)))[0][:k]
+  keep = (np.arange(n) < 4).astype(float)
+  scale = np.pad(keep, (0, max(k_out - n, 0)))[:k_out] * rng.choice([-1.0, 1.0], k_out)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  got = merge._reproject(f32(coef), f32(v), f32(keep), f32(scale), jnp.asarray(rows), k_out)
+  w = np.einsum("ki,ktp->itp", v, coef)
+  new = scale[:, None, None] * np.pad(w, ((0, max(k_out - n, 0)), (0, 0), (0, 0)))[:k_out]
+  kept = np.einsum("i,itp,itq->tpq", keep, w, w)
+  dropped = np.einsum("i,itp,itq->tpq", 1.0 - keep, w, w)
+  for g, ref in zip(got, (new, kept, dropped), strict=True):
+    np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
   "m, in_span, zero_cols",
   [(8, False, 0), (8, True, 0), (8, False, 5), (6, True, 3), (90, False, 2), (90, True, 0)],
