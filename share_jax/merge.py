@@ -198,6 +198,16 @@ def _task_outputs(w, keep, scale, k_out: int):
   return new, task_grams(w * keep[:, None, None]), task_grams(w * (1.0 - keep)[:, None, None])
 
 
+def _write_tasks(out, parts, at):
+  """``out`` (coefficients (k_out, T, P), kept and dropped Grams (T, P, P)) with ``parts``, the
+  same three for a block of task rows, written from task row ``at``."""
+  axes = (1, 0, 0)
+  return tuple(
+    jax.lax.dynamic_update_slice_in_dim(o, r, at, ax)
+    for o, r, ax in zip(out, parts, axes, strict=True)
+  )
+
+
 def _reproject(coef, v_old, keep, scale, rows, k_out: int):
   """``_task_outputs`` of every stored task (coef (K, T, P), rotated by v_old (K, n)), one chunk
   of task rows at a time up to ``rows``; rows after it are empty and stay zero. A last chunk past
@@ -207,10 +217,8 @@ def _reproject(coef, v_old, keep, scale, rows, k_out: int):
   out = (jnp.zeros((k_out, t, p)), jnp.zeros((t, p, p)), jnp.zeros((t, p, p)))
 
   def body(c, out):
-    i = c * chunk
-    w = mm("ki,ktp->itp", v_old, jax.lax.dynamic_slice_in_dim(coef, i, chunk, 1))
-    parts = zip(out, _task_outputs(w, keep, scale, k_out), (1, 0, 0), strict=True)
-    return tuple(jax.lax.dynamic_update_slice_in_dim(o, r, i, ax) for o, r, ax in parts)
+    w = mm("ki,ktp->itp", v_old, jax.lax.dynamic_slice_in_dim(coef, c * chunk, chunk, 1))
+    return _write_tasks(out, _task_outputs(w, keep, scale, k_out), c * chunk)
 
   return jax.lax.fori_loop(0, (rows + chunk - 1) // chunk, body, out)
 
@@ -245,10 +253,10 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   flip = svd_flip_columns(new_basis)
   new_basis, v_k = new_basis * flip, v_k * flip
   scale = jnp.pad(keep, (0, pad))[:k_out] * flip
-  out = _reproject(coef, v[:k_in], keep, scale, start + m, k_out)
-  new_coef, kept_gram, res = (
-    jax.lax.dynamic_update_slice_in_dim(o, r, start, ax)
-    for o, r, ax in zip(out, _task_outputs(w_new, keep, scale, k_out), (1, 0, 0), strict=True)
+  new_coef, kept_gram, res = _write_tasks(
+    _reproject(coef, v[:k_in], keep, scale, start + m, k_out),
+    _task_outputs(w_new, keep, scale, k_out),
+    start,
   )
   proj = mm("nk,nc->ck", v_k, f)  # (c, K): S Sᵀ = projᵀ proj
   proj = jnp.pad(proj, ((0, max(k_out - proj.shape[0], 0)), (0, 0)))
