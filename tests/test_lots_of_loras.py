@@ -10,7 +10,7 @@ from benchmarks import lots_of_loras
 from share_jax import peft_io
 from share_jax.experiments import zoo, zoo_train
 from share_jax.experiments.data import bbc_news, sources, tweet_sentiment
-from share_jax.lora import LoRA
+from share_jax.lora import LoRA, lora_leaves
 from share_jax.paths import nest
 
 
@@ -65,6 +65,54 @@ def test_feature_cache_is_keyed_by_the_universe_not_its_size(tmp_path):
   assert len(calls) == 2 and b["x"].tolist() == [[3, 100], [2, 97], [1, 99]]
   images = np.arange(8, dtype=np.uint8).reshape(2, 2, 2)
   assert zoo_train.universe_key(images) != zoo_train.universe_key(images[::-1])
+
+
+def test_frozen_head_is_seeded_per_task_and_never_trained():
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+
+  from share_jax.experiments import backbones, fitting
+
+  rng = np.random.default_rng(0)
+  params = {"params": {"proj": {"kernel": jnp.asarray(rng.normal(size=(6, 16)), jnp.float32)}}}
+  backbone = backbones.Backbone(
+    "toy",
+    params,
+    16,
+    encode=lambda items: {"x": np.asarray(items, np.float32)},
+    features=lambda p, x: jax.nn.relu(x["x"] @ p["params"]["proj"]["kernel"]),
+    target=r"proj/kernel$",
+  )
+  x, y = {"x": rng.normal(size=(16, 6)).astype(np.float32)}, rng.integers(0, 3, 16).astype(np.int32)
+  task = fitting.EncodedTask("t", 3, x, y, x, y)
+  s = dataclasses.replace(zoo_train.Settings(), head="frozen", epochs=1, batch_size=8, lr=0.1)
+  expected = zoo_train.frozen_head(
+    jax.random.fold_in(zoo_train.task_key(s, "t"), 1), backbone.feature_dim, 3
+  )
+  w = np.asarray(expected["w"])
+  np.testing.assert_allclose(w.T @ w, np.eye(3), atol=1e-5)  # orthonormal columns
+  lora, head = zoo_train.make_task_trainer(s, backbone)(task, 0)
+  np.testing.assert_array_equal(head["w"], expected["w"])
+  np.testing.assert_array_equal(head["b"], np.zeros(3))
+  assert any(np.abs(np.asarray(v.b)).max() > 0 for v in lora_leaves(lora).values())  # B from 0
+  # Deterministic per task seed: the same (zoo seed, task) gives the same head, others differ.
+  again = zoo_train.frozen_head(
+    jax.random.fold_in(zoo_train.task_key(s, "t"), 1), backbone.feature_dim, 3
+  )
+  np.testing.assert_array_equal(again["w"], expected["w"])
+  for other in (
+    zoo_train.task_key(s, "u"),
+    zoo_train.task_key(dataclasses.replace(s, seed=1), "t"),
+  ):
+    head = zoo_train.frozen_head(jax.random.fold_in(other, 1), backbone.feature_dim, 3)
+    assert not np.allclose(head["w"], w)
+  # A frozen-head zoo never resumes a trained-head zoo (zoo.json written before the mode existed
+  # counts as trained).
+  old = {k: v for k, v in dataclasses.asdict(zoo_train.Settings()).items() if k != "head"}
+  assert zoo_train._same_settings(old, zoo_train.Settings())
+  assert not zoo_train._same_settings(old, dataclasses.replace(zoo_train.Settings(), head="frozen"))
 
 
 def test_truncate_and_delta_error_match_numpy():
