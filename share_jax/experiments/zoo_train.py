@@ -365,7 +365,12 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--lr", type=float, default=None, help="Adam step (default 1e-2)")
   parser.add_argument("--epochs", type=int, default=None, help="default 5 (quick: 4)")
-  parser.add_argument("--head", default="trained", choices=HEAD_MODES, help="see above")
+  parser.add_argument(
+    "--head",
+    default="trained",
+    choices=HEAD_MODES,
+    help="frozen: fixed random heads, only LoRAs learn",
+  )
   parser.add_argument(
     "--backbone", default=None, choices=("efficientnet",), help="fashion only (default: vit)"
   )
