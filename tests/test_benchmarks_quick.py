@@ -2,7 +2,8 @@
 benchmarks/RESULTS.md alone: benchmarks that stop working fail CI instead of rotting.
 
 ``SLOW`` ones (about a CPU-minute each: the φ ablation, absorption order, the EfficientNet feature
-probe) run under ``pytest -m slow``; ``lots_of_loras --quick`` runs in tests/test_lots_of_loras.py."""
+probe) run under ``pytest -m slow``; ``lots_of_loras --quick`` runs in
+tests/test_lots_of_loras.py."""
 
 import os
 import subprocess
