@@ -307,9 +307,7 @@ def settings_for(args) -> zoo_train.Settings:
     if args.quick
     else zoo_train.Settings.full(args.kind, backbone=args.backbone)
   )
-  return dataclasses.replace(
-    s, seed=args.seed, lr=args.lr or s.lr, epochs=args.epochs or s.epochs, head=args.head
-  )
+  return zoo_train.with_training_arguments(s, args)
 
 
 def grid(quick: bool, minimal: bool, d: int, share_k=None, vlora_k=None) -> dict:
@@ -643,15 +641,7 @@ def parse(argv=None):
   p.add_argument("--workdir", required=True)
   p.add_argument("--quick", action="store_true", help=">= 20 tasks, few examples (CI)")
   p.add_argument("--tiny", action="store_true", help="with --quick: a random tiny backbone")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--lr", type=float, default=None, help="the zoo's Adam step (default 1e-2)")
-  p.add_argument("--epochs", type=int, default=None, help="the zoo's epochs (default 5)")
-  p.add_argument(
-    "--head",
-    default="trained",
-    choices=zoo_train.HEAD_MODES,
-    help="the zoo's task heads: trained with the LoRA, or fixed random (only the LoRA learns)",
-  )
+  zoo_train.add_training_arguments(p)
   p.add_argument("--kind", default="text", choices=("text", "fashion"))
   p.add_argument(
     "--backbone", default=None, choices=("efficientnet",), help="fashion only (default: vit)"
