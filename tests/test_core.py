@@ -243,6 +243,15 @@ def test_task_capacity_grows_in_power_of_two_buckets():
   assert caps == {4, 8, 16, 32}  # 4 → 23 tasks: three doublings, no other size
 
 
+def test_big_batches_pad_to_multiples_of_eight():
+  """Batch rows: powers of two up to 16 (few compiles for small batches), then multiples of 8
+  (a merge's small space, and its cubic SVD, grows with every padded row). Zero-padded rows are
+  masked as for any batch (every absorb test pads m = 3 to 4)."""
+  from share_jax._driver import batch_rows
+
+  assert [batch_rows(m) for m in (1, 3, 16, 17, 20, 50, 64, 100)] == [1, 4, 16, 24, 24, 56, 64, 104]
+
+
 def test_storage_counts_coefficients_bases_and_loras():
   pl = Planted(seed=12)
   sub = sj.init_subspace(pl.params, pl.loras(4, rank=3), k=5)
