@@ -3,7 +3,7 @@ vlora-dev on the same PEFT adapter directories.
 
     python -m benchmarks.lots_of_loras --workdir DIR [--quick] [--seed N] [--kind text|fashion]
         [--backbone efficientnet] [--zoo-dir ZOO] [--tiny] [--share-k K ...] [--vlora-k K ...]
-        [--lr LR] [--epochs N] [--head trained|frozen] [--results-md]
+        [--lr LR] [--epochs N] [--head trained|frozen] [--init task|shared] [--results-md]
 
 Trains the zoo first if ``ZOO`` (default ``DIR/zoo``) has none (``share_jax.experiments.
 zoo_train``). Every method turns the zoo's adapters into a stored form and back into one LoRA per
@@ -303,7 +303,12 @@ def settings_for(args) -> zoo_train.Settings:
     else zoo_train.Settings.full(args.kind, backbone=args.backbone)
   )
   return dataclasses.replace(
-    s, seed=args.seed, lr=args.lr or s.lr, epochs=args.epochs or s.epochs, head=args.head
+    s,
+    seed=args.seed,
+    lr=args.lr or s.lr,
+    epochs=args.epochs or s.epochs,
+    head=args.head,
+    init=args.init,
   )
 
 
@@ -643,6 +648,12 @@ def parse(argv=None):
     default="trained",
     choices=zoo_train.HEAD_MODES,
     help="the zoo's task heads: trained with the LoRA, or fixed random (only the LoRA learns)",
+  )
+  p.add_argument(
+    "--init",
+    default="task",
+    choices=zoo_train.INIT_MODES,
+    help="the zoo's LoRA init: per-task seed, or one shared seed for every task",
   )
   p.add_argument("--kind", default="text", choices=("text", "fashion"))
   p.add_argument(
