@@ -17,13 +17,15 @@ method's bytes) and ``storage_ratio_with_heads`` adds the heads on both sides.
 Methods: ``lora`` (the originals, the ceiling), ``no_adapter`` (ΔW = 0, each task's head only),
 ``truncate_r{1,2}`` (each ΔW cut to rank 1 or 2 by SVD: a same-budget baseline), Share
 asynchronously (``init_subspace`` on the first 50 adapters, ``absorb`` the rest in batches of
-50) at several fixed k and explained-variance thresholds, Share all at once and one at a time for
-the headline setting, ``lorashare`` (``SHAREModel.from_adapters`` → ``reconstruct`` to PEFT dirs)
-and ``vlora`` (``SharedSubspace.from_adapters`` → ``reconstruct`` → ``save_adapter``); peers
-that are not installed are skipped with a message. On the EfficientNet zoo the adapters are
-1×1 Conv2d LoRAs: vlora reads them as written; lorashare (2-D factors only) gets the equal
-Linear LoRAs (``results.json`` ``peer_inputs`` says so). Outputs in DIR: ``results.json``,
-``frontier.png``, ``early_tasks.png``, ``per_task.png``.
+50) at several fixed k and explained-variance thresholds (of the stack each merge sees, the
+paper's reading, and of everything absorbed: ``explained_of="absorbed"``), Share all at once and
+one at a time (both readings) for the headline setting, ``lorashare``
+(``SHAREModel.from_adapters`` → ``reconstruct`` to PEFT dirs) and ``vlora``
+(``SharedSubspace.from_adapters`` → ``reconstruct`` → ``save_adapter``); peers that are not
+installed are skipped with a message. On the EfficientNet zoo the adapters are 1×1 Conv2d LoRAs:
+vlora reads them as written; lorashare (2-D factors only) gets the equal Linear LoRAs
+(``results.json`` ``peer_inputs`` says so). Outputs in DIR: ``results.json``, ``frontier.png``,
+``early_tasks.png``, ``per_task.png``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from share_jax.paths import nest
 
 BATCH = 50
 FLOAT_BYTES = 4
+ABSORBED = {"explained_of": "absorbed"}  # explained variance of everything absorbed
 
 
 @dataclasses.dataclass
@@ -137,7 +140,9 @@ def share_outcome(name: str, family: str, sub, names, seconds: float, spec: dict
   params = st.basis_params + sum(st.coef_params.values())
   loras = {n: sj.reconstruct(sub, n) for n in names}
   ks = sorted({int(k) for g in sub.groups.values() for k in np.asarray(g.rank).ravel()})
-  return Outcome(name, family, loras, params, seconds, {**spec, "k_range": [ks[0], ks[-1]]})
+  held = list(sj.explained(sub).values())  # variance of all absorbed columns still held
+  config = {**spec, "k_range": [ks[0], ks[-1]], "explained": [min(held), float(np.mean(held))]}
+  return Outcome(name, family, loras, params, seconds, config)
 
 
 # ----------------------------------------------------------------------------- peers
@@ -302,14 +307,7 @@ def settings_for(args) -> zoo_train.Settings:
     if args.quick
     else zoo_train.Settings.full(args.kind, backbone=args.backbone)
   )
-  return dataclasses.replace(
-    s,
-    seed=args.seed,
-    lr=args.lr or s.lr,
-    epochs=args.epochs or s.epochs,
-    head=args.head,
-    init=args.init,
-  )
+  return zoo_train.with_training_arguments(s, args)
 
 
 def grid(quick: bool, minimal: bool, d: int, share_k=None, vlora_k=None) -> dict:
@@ -382,6 +380,7 @@ def run(args) -> dict:
   has_tau = "max_task_error" in {f.name for f in dataclasses.fields(sj.SubspaceConfig)}
   specs = [{"k": k} for k in g["share_k"]]
   specs += [{"explained_variance": ev} for ev in g["share_ev"]]
+  specs += [{"explained_variance": ev, **ABSORBED} for ev in g["share_ev"]]
   specs += [{"max_task_error": t} for t in g["share_tau"]] if has_tau else []
   batch_seconds = {}
   for spec in specs:
@@ -415,23 +414,25 @@ def run(args) -> dict:
   add(
     share_outcome("share all at once (ev=0.6)", "share (all at once)", sub, names, sec, head_spec)
   )
-  sub, sec = _timed(
-    lambda: jax.block_until_ready(
-      sj.init_subspace(params, [originals[n] for n in early], task_ids=early, **head_spec)
-    )
-  )
-  steps = [sec]
-  for n in names[len(early) :]:
+  # One at a time after the first batch, under the paper's reading of explained variance (of the
+  # stack each merge sees) and, unless minimal, of everything absorbed (order-robust).
+  readings = [("", head_spec)]
+  readings += [] if args.minimal else [(", of absorbed", {**head_spec, **ABSORBED})]
+  for suffix, spec in readings:
     sub, sec = _timed(
-      lambda n=n, sub=sub: jax.block_until_ready(sj.absorb(sub, [originals[n]], task_ids=[n]))
+      lambda spec=spec: jax.block_until_ready(
+        sj.init_subspace(params, [originals[n] for n in early], task_ids=early, **spec)
+      )
     )
-    steps.append(sec)
-  add(
-    share_outcome(
-      "share one at a time (ev=0.6)", "share (one at a time)", sub, names, sum(steps), head_spec
-    )
-  )
-  batch_seconds["share one at a time (ev=0.6)"] = steps
+    steps = [sec]
+    for n in names[len(early) :]:
+      sub, sec = _timed(
+        lambda n=n, sub=sub: jax.block_until_ready(sj.absorb(sub, [originals[n]], task_ids=[n]))
+      )
+      steps.append(sec)
+    label = f"share one at a time (ev=0.6{suffix})"
+    add(share_outcome(label, "share (one at a time)", sub, names, sum(steps), spec))
+    batch_seconds[label] = steps
 
   peers = peer_status()
   linear = linear_copies(lz, names, tmp) if peers["lorashare"] == "ok" else None
@@ -640,21 +641,7 @@ def parse(argv=None):
   p.add_argument("--workdir", required=True)
   p.add_argument("--quick", action="store_true", help=">= 20 tasks, few examples (CI)")
   p.add_argument("--tiny", action="store_true", help="with --quick: a random tiny backbone")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--lr", type=float, default=None, help="the zoo's Adam step (default 1e-2)")
-  p.add_argument("--epochs", type=int, default=None, help="the zoo's epochs (default 5)")
-  p.add_argument(
-    "--head",
-    default="trained",
-    choices=zoo_train.HEAD_MODES,
-    help="the zoo's task heads: trained with the LoRA, or fixed random (only the LoRA learns)",
-  )
-  p.add_argument(
-    "--init",
-    default="task",
-    choices=zoo_train.INIT_MODES,
-    help="the zoo's LoRA init: per-task seed, or one shared seed for every task",
-  )
+  zoo_train.add_training_arguments(p)
   p.add_argument("--kind", default="text", choices=("text", "fashion"))
   p.add_argument(
     "--backbone", default=None, choices=("efficientnet",), help="fashion only (default: vit)"

@@ -158,6 +158,7 @@ def tiled(sub: sj.Subspace, t: int) -> sj.Subspace:
       coef=jax.numpy.asarray(np.pad(coef, ((0, 0), (0, 0), (0, cap - t), (0, 0)))),
       ncols=jax.numpy.asarray(np.pad(ncols, ((0, cap - t), (0, 0)))),
       scatter=grp.scatter * np.sqrt(reps),
+      lost=grp.lost * reps,
     )
   ids = [f"{i}-{j}" for j in range(reps) for i in sub.task_ids]
   return sj.Subspace.create(groups, sub.layout, tuple(ids), sub.config)

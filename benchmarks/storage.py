@@ -61,6 +61,7 @@ def counted(
       ncols=np.full((tasks, n), r, np.int32),
       scatter=jax.ShapeDtypeStruct((n, k, k), jnp.float32),
       energy=jax.ShapeDtypeStruct((n,), jnp.float32),
+      lost=jax.ShapeDtypeStruct((n,), jnp.float32),
     )
   sub = sj.Subspace.create(groups, layout, tuple(range(tasks)), sj.SubspaceConfig(k=k))
   return sj.storage(sub, lora_rank=lora_rank)

@@ -27,8 +27,9 @@ from share_jax.paths import flatten_with_paths, join_path, nest
 from share_jax.subspace import SIDES, FactorGroup, KernelSpec, Layout, Subspace, SubspaceConfig
 
 FORMAT = "share_jax.subspace"
-FORMAT_VERSION = 3  # 2: checksum, validated structure; 3: coefficients (L, K, T, P)
-READABLE = (2, 3)  # 2 is read by moving its (T, L, K, P) coefficients to (L, K, T, P)
+FORMAT_VERSION = 4  # 2: checksum, validated structure; 3: coefficients (L, K, T, P); 4: lost
+# 2 is read by moving its (T, L, K, P) coefficients to (L, K, T, P); 2 and 3 with lost = 0
+READABLE = (2, 3, 4)
 _LAYOUT_KEYS = {"dtype", "path", "shape", "kernel_shape", "transposed"}
 _DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "bool")
 _SHA = re.compile(r"[0-9a-f]{64}")

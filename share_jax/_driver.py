@@ -84,7 +84,8 @@ def merge_columns(
   groups, res, kept = {}, {}, {}
   for g, group in grown.items():
     d, _ = layout.groups[g]
-    rule = Rule(kind, float(value), config.limit(d), config.center)
+    absorbed = config.explained_of == "absorbed"
+    rule = Rule(kind, float(value), config.limit(d), config.center, absorbed)
     x, ncols = new[g]
     k_out = rule.limit if kind == "k" else max(group.capacity[0], min(rule.limit, _MIN_K))
     merged, want, res[g], kept[g] = call_kernel(

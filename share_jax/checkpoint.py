@@ -183,6 +183,10 @@ class Checkpointer:
         raise self._corrupted(version, "arrays", f"checksum mismatch in {p!r}")
       if meta.format_version == 2 and p.startswith("groups/") and p.endswith("/coef"):
         arrays[p] = jnp.transpose(arrays[p], (1, 2, 0, 3))  # format 2 stored (T, L, K, P)
+    if meta.format_version < 4:  # no record of what earlier merges dropped
+      for g, (_, n) in meta.layout.groups.items():
+        p = f"groups/{g}/lost"
+        arrays[p] = jnp.zeros((n,), jnp.float32, device=sharding(p, (n,)))
     try:
       subspace = rebuild(meta, arrays)
       check_consistent(meta, subspace)

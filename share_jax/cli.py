@@ -18,13 +18,13 @@ import numpy as np
 from share_jax import diagnostics
 from share_jax.checkpoint import Checkpointer, CheckpointError, digest
 from share_jax.errors import ShareError
-from share_jax.fidelity import task_errors
+from share_jax.fidelity import explained, task_errors
 from share_jax.ingest import absorb, init_subspace
 from share_jax.lora import lora_leaves
 from share_jax.paths import nest
 from share_jax.peft_io import SCHEMES, AdapterMeta, PeftAdapter, export_task, read_adapter
 from share_jax.storage import storage
-from share_jax.subspace import Subspace, SubspaceConfig
+from share_jax.subspace import EXPLAINED_OF, Subspace, SubspaceConfig
 
 RUNNER = "share_jax.experiments.run"
 
@@ -65,7 +65,15 @@ def _task_ids(args, dirs: Sequence[str]) -> list[str]:
   return ids
 
 
-_CONFIG_FLAGS = ("k", "explained_variance", "max_task_error", "max_k", "center", "strict")
+_CONFIG_FLAGS = (
+  "k",
+  "explained_variance",
+  "explained_of",
+  "max_task_error",
+  "max_k",
+  "center",
+  "strict",
+)
 
 
 def _config_options(args) -> dict:
@@ -174,7 +182,10 @@ def _info(ckpt: Checkpointer, version: int | None) -> dict:
     "tasks": list(meta.task_ids),
     "config": dataclasses.asdict(meta.config),
     "base": digest(meta.base) if meta.base else None,
-    "ranks": [dataclasses.asdict(r) for r in meta.ranks],
+    "ranks": [
+      {**dataclasses.asdict(r), "explained": explained(subspace)[(r.path, r.side)]}
+      for r in meta.ranks
+    ],
     "storage": storage(subspace).summary(),
   }
 
@@ -218,7 +229,10 @@ def cmd_info(args) -> int:
     f"max_task_error={c.get('max_task_error')}"
   )
   for r in info["ranks"]:
-    print(f"  {r['path']} [{r['side']}]: k={r['k']}, energy kept {r['energy']:.3f}")
+    print(
+      f"  {r['path']} [{r['side']}]: k={r['k']}, energy kept {r['energy']:.3f} (last merge), "
+      f"variance explained {r['explained']:.3f} (of all absorbed)"
+    )
   print(
     f"task ΔW error (relative, upper bound): worst {s['worst_task_error']:.3g}, "
     f"mean {s['mean_task_error']:.3g}"
@@ -303,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="bases from the mean-centred stack plus the mean direction (default) or uncentred",
     )
     p.add_argument("--max-k", type=int, help="cap on k per kernel side")
+    p.add_argument(
+      "--explained-of",
+      choices=EXPLAINED_OF,
+      help="EV is a fraction of the stack each merge sees (default, the paper) or of every "
+      "column as it was absorbed (what earlier merges dropped counts: order-robust)",
+    )
 
   def adapters(p: argparse.ArgumentParser, scheme_default: str | None) -> None:
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT LoRA adapter dirs")

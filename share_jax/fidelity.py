@@ -119,6 +119,19 @@ def relative_errors(subspace: Subspace) -> np.ndarray:
   return np.where(norm > 0, error / np.where(norm > 0, norm, 1.0), 0.0)
 
 
+def explained(subspace: Subspace) -> dict[tuple[str, str], float]:
+  """``{(kernel path, side): fraction}`` of the scatter of every column absorbed so far, as it was
+  absorbed (about the mean when the config centres), that the stored columns still hold:
+  ‖S‖² / (‖S‖² + lost), with S the scatter factor and ``lost`` what the merges dropped (1 when
+  nothing was). Unlike a merge's own ``energy``, losses of earlier merges count."""
+  frac = {}
+  for g, grp in subspace.groups.items():
+    held = np.sum(np.square(np.asarray(grp.scatter, np.float64)), axis=(1, 2))
+    total = held + np.asarray(grp.lost, np.float64)
+    frac[g] = np.where(total > 0, held / np.where(total > 0, total, 1.0), 1.0)
+  return {slot: float(frac[g][row]) for slot, (g, row) in subspace.layout.slots.items()}
+
+
 def task_errors(subspace: Subspace) -> dict[Hashable, float]:
   """``{task id: relative ‖ΔW − ΔW_stored‖_F / ‖ΔW‖_F}`` over all adapted kernels, versus the
   adapter the task came from (ingested LoRA, or the factors ``finish_task`` merged).

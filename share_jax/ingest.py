@@ -79,6 +79,7 @@ def _empty_group(d: int, n: int, t_cap: int) -> FactorGroup:
     ncols=jnp.zeros((t_cap, n), jnp.int32),
     scatter=jnp.zeros((n, 0, 0), jnp.float32),
     energy=jnp.ones((n,), jnp.float32),
+    lost=jnp.zeros((n,), jnp.float32),
   )
 
 

@@ -26,9 +26,11 @@ offer, and explained variance 1 keeps every task exactly. ``center=False`` takes
 singular vectors of the uncentred stack (the best k columns for the stack as a whole).
 
 k rules (``Rule``): a fixed ``k``; ``explained_variance``, the smallest k whose columns explain
-that fraction of F's (centred) energy; ``max_task_error``, the smallest k such that every stored
-task's share of a ΔW error budget (see ``share_jax.fidelity``) holds. ``energy`` reports the
-fraction of the stack's uncentred energy (what reconstruction keeps) that the bases hold.
+that fraction of F's (centred) energy, or of F's plus what earlier merges dropped (``lost``, so
+that the fraction holds for everything absorbed); ``max_task_error``, the smallest k such that
+every stored task's share of a ΔW error budget (see ``share_jax.fidelity``) holds. ``energy``
+reports the fraction of the stack's uncentred energy (what reconstruction keeps) that the bases
+hold.
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ _CHUNK = 256  # task rows re-projected per loop step: work follows the tasks hel
 
 class Rule(NamedTuple):
   """Static k rule of a group: ``kind`` (``k``, ``explained_variance``, ``max_task_error``) with
-  its ``value``, capped at ``limit``; ``center`` as in ``SubspaceConfig``."""
+  its ``value``, capped at ``limit``; ``center`` as in ``SubspaceConfig``; ``absorbed``: explained
+  variance is a fraction of everything absorbed (``SubspaceConfig.explained_of``)."""
 
   kind: str
   value: float
   limit: int
   center: bool
+  absorbed: bool = False
 
 
 def mm(spec: str, *args: jax.Array) -> jax.Array:
@@ -161,15 +165,16 @@ def _rotation(f: jax.Array, g: jax.Array, center: bool) -> jax.Array:
   return mm("nm,mj->nj", house, u)
 
 
-def _want(rule: Rule, energies, w, partner, beta, size: int) -> jax.Array:
-  """The k (>= 1, <= limit) that the rule asks for, given the rotation's column energies (n,) and
-  the tasks' rotated coordinates ``w`` (n, T, P)."""
+def _want(rule: Rule, energies, lost, w, partner, beta, size: int) -> jax.Array:
+  """The k (>= 1, <= limit) that the rule asks for, given the rotation's column energies (n,),
+  the energy earlier merges dropped and the tasks' rotated coordinates ``w`` (n, T, P)."""
   if rule.kind == "k":
     return jnp.asarray(min(int(rule.value), rule.limit), jnp.int32)
   if rule.kind == "explained_variance":
     c = jnp.where(energies > (size * _EPS32) ** 2 * jnp.max(energies), energies, 0.0)
     cum = jnp.cumsum(c)
-    want = 1 + jnp.sum(cum[:-1] < rule.value * cum[-1])
+    total = cum[-1] + lost if rule.absorbed else cum[-1]
+    want = 1 + jnp.sum(cum[:-1] < rule.value * total)
   else:  # max_task_error: per task, this side's share of the budget (fidelity module doc)
     # w_iᵀ partner w_i per task and row: one fused product reduced over p, q (XLA CPU runs it
     # several times faster than T tiny batched dots).
@@ -223,7 +228,7 @@ def _reproject(coef, v_old, keep, scale, rows, k_out: int):
   return jax.lax.fori_loop(0, (rows + chunk - 1) // chunk, body, out)
 
 
-def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *, k_out, rule):
+def _merge_one(basis, scatter, lost, coef, ncols, partner, x, x_ncols, start, beta, *, k_out, rule):
   """One (kernel, side) slot. basis (d, K), coef (K, T, P), partner (T, P, P), x (m, d, P)."""
   d, k_in = basis.shape
   m, _, p = x.shape
@@ -244,8 +249,9 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   kept_g = jnp.sum(mm("ni,nc->ic", v, g) ** 2, axis=1)
   # Directions without energy are round-off: never keep them, whatever the rule.
   rank = jnp.sum(kept_g > (size * _EPS32) ** 2 * jnp.max(kept_g))
-  want = _want(rule, energies, w_all, partner, beta, size)
-  k_sel = jnp.minimum(jnp.minimum(want, min(k_out, n)), jnp.maximum(rank, 1))
+  # Directions without energy are never kept: never grow the capacity for them either.
+  want = jnp.minimum(_want(rule, energies, lost, w_all, partner, beta, size), jnp.maximum(rank, 1))
+  k_sel = jnp.minimum(want, min(k_out, n))
   keep = (jnp.arange(n) < k_sel).astype(jnp.float32)
   pad = max(k_out - n, 0)
   v_k = jnp.pad(v * keep, ((0, 0), (0, pad)))[:, :k_out]
@@ -263,7 +269,8 @@ def _merge_one(basis, scatter, coef, ncols, partner, x, x_ncols, start, beta, *,
   new_scatter = jnp.linalg.qr(proj, mode="r").T
   total = jnp.sum(kept_g)
   energy = jnp.where(total > 0, jnp.sum(kept_g * keep) / jnp.where(total > 0, total, 1.0), 1.0)
-  return new_basis, k_sel, new_coef, new_scatter, energy, want, res, kept_gram
+  lost = lost + jnp.sum(energies * (1.0 - keep))  # ‖F‖² = ‖S_new‖² + what this merge drops
+  return new_basis, k_sel, new_coef, new_scatter, energy, lost, want, res, kept_gram
 
 
 @functools.partial(jax.jit, static_argnames=("k_out", "rule"))
@@ -296,11 +303,12 @@ def merge_group(
   """
   merge = functools.partial(_merge_one, k_out=k_out, rule=rule)
   p_axis = None if partner is None else 1
-  basis, rank, coef, scatter, energy, want, res, kept = jax.vmap(
-    merge, in_axes=(0, 0, 0, 1, p_axis, 1, 1, None, None), out_axes=(0, 0, 0, 0, 0, 0, 1, 1)
+  basis, rank, coef, scatter, energy, lost, want, res, kept = jax.vmap(
+    merge, in_axes=(0, 0, 0, 0, 1, p_axis, 1, 1, None, None), out_axes=(0,) * 7 + (1, 1)
   )(
     group.basis,
     group.scatter,
+    group.lost,
     group.coef,
     group.ncols,
     partner,
@@ -310,7 +318,7 @@ def merge_group(
     beta,
   )
   ncols = jax.lax.dynamic_update_slice_in_dim(group.ncols, x_ncols.astype(jnp.int32), start, axis=0)
-  return FactorGroup(basis, rank, coef, ncols, scatter, energy), want, res, kept
+  return FactorGroup(basis, rank, coef, ncols, scatter, energy, lost), want, res, kept
 
 
 @functools.partial(jax.jit, static_argnames=("center",))

@@ -41,7 +41,7 @@ def make_mesh(
 
 def layer_specs(axis: str | None) -> FactorGroup:
   """Partition specs of a group with its layer axis L on mesh ``axis`` (None: replicated)."""
-  return FactorGroup(P(axis), P(axis), P(axis), P(None, axis), P(axis), P(axis))
+  return FactorGroup(P(axis), P(axis), P(axis), P(None, axis), P(axis), P(axis), P(axis))
 
 
 def shard_subspace(subspace: Subspace, mesh: Mesh, axis: str = "data") -> Subspace:

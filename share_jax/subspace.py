@@ -13,7 +13,9 @@ Shapes are capacity buffers:
 - ``scatter``: (L, K, K) a factor S with S Sᵀ = the scatter of all stored coefficient columns
   (about their mean when the config centres), so a merge never re-decomposes the task stack;
 - ``energy``: (L,) the fraction of the stored columns' energy (uncentred: what reconstruction
-  sees) that the bases kept at the last merge.
+  sees) that the bases kept at the last merge;
+- ``lost``: (L,) the energy, in the scatter's measure, that every merge so far dropped, so that
+  ‖S‖² + lost is the scatter of all columns as they were absorbed (``fidelity.explained``).
 
 Per task, a ``TaskTable`` holds the interned id, ‖ΔW‖_F of the adapter the task came from and an
 upper bound of the error ‖ΔW − ΔW_stored‖_F (see ``share_jax.fidelity``).
@@ -43,6 +45,7 @@ from share_jax.errors import ShareError, UnknownTaskError
 from share_jax.paths import join_path
 
 SIDES = ("a", "b")
+EXPLAINED_OF = ("stack", "absorbed")
 
 
 def matrix_shape(kernel_shape: tuple[int, ...], transposed: bool = False) -> tuple[int, int]:
@@ -142,6 +145,11 @@ class SubspaceConfig:
   capped by ``max_k``), it is a threshold: a merge that leaves a task above it warns
   (``FidelityWarning``), or raises ``FidelityError`` when ``strict``, naming the tasks.
   ``center``: choose the bases from the mean-centred stack (the paper) plus the mean direction.
+  ``explained_of``: what ``explained_variance`` is a fraction of: ``"stack"``, the stack a merge
+  sees, whose old tasks are already projected (the paper; absorbing one task at a time then lets
+  k shrink merge after merge), or ``"absorbed"``, every column as it was absorbed (what earlier
+  merges dropped counts as lost, so the bases keep that fraction of all absorbed variance
+  whatever the order and batch size, as far as ``max_k`` allows).
   """
 
   explained_variance: float | None = None
@@ -150,6 +158,7 @@ class SubspaceConfig:
   center: bool = True
   max_task_error: float | None = None
   strict: bool = False
+  explained_of: str = "stack"
 
   def __post_init__(self):
     ev = self.explained_variance
@@ -167,6 +176,8 @@ class SubspaceConfig:
     for name in ("center", "strict"):
       if not isinstance(getattr(self, name), bool | np.bool_):
         raise ShareError(f"{name} must be True or False, got {getattr(self, name)!r}")
+    if self.explained_of not in EXPLAINED_OF:
+      raise ShareError(f"explained_of must be one of {EXPLAINED_OF}, got {self.explained_of!r}")
 
   @property
   def rule(self) -> tuple[str, float | int]:
@@ -210,6 +221,7 @@ class FactorGroup:
   ncols: jax.Array  # (T, L) int32
   scatter: jax.Array  # (L, K, K)
   energy: jax.Array  # (L,)
+  lost: jax.Array  # (L,)
 
   @property
   def capacity(self) -> tuple[int, int, int]:

@@ -35,6 +35,7 @@ def subspace_for(version: int) -> Subspace:
     ncols=jnp.full((T, n), P, jnp.int32),
     scatter=jnp.asarray(rng.normal(size=(n, K, K)), jnp.float32),
     energy=jnp.asarray(rng.uniform(size=(n,)), jnp.float32),
+    lost=jnp.asarray(rng.uniform(size=(n,)), jnp.float32),
   )
   task_ids = tuple(f"task{version}-{i}" if i % 2 else i for i in range(1 + version % T))
   heads = {task_ids[0]: {"classifier": {"kernel": jnp.full((D, 3), version, jnp.float32)}}}

@@ -1,8 +1,9 @@
 """Every benchmark's ``--quick`` smoke run exits 0, prints its markdown table and leaves
 benchmarks/RESULTS.md alone: benchmarks that stop working fail CI instead of rotting.
 
-``SLOW`` ones (about a CPU-minute each: the φ ablation, the EfficientNet feature probe) run under
-``pytest -m slow``; ``lots_of_loras --quick`` runs in tests/test_lots_of_loras.py."""
+``SLOW`` ones (about a CPU-minute each: the φ ablation, absorption order, the EfficientNet feature
+probe) run under ``pytest -m slow``; ``lots_of_loras --quick`` runs in
+tests/test_lots_of_loras.py."""
 
 import os
 import subprocess
@@ -27,6 +28,7 @@ QUICK = {
 
 SLOW = {
   "ablation": ["--quick", "--workdir", "{tmp}"],
+  "absorb_order": ["--quick", "--workdir", "{tmp}"],
   "efficientnet_probe": ["--quick"],
 }
 

@@ -23,6 +23,7 @@ from ckpt_worker import MAX_TO_KEEP, save_forever, subspace_for
 from lora_adapters import kernel_zeros, random_lora
 
 import share_jax as sj
+from share_jax import checkpoint
 from share_jax.checkpoint import (
   FORMAT_VERSION,
   Checkpointer,
@@ -61,21 +62,32 @@ def assert_same(a: sj.Subspace, b: sj.Subspace) -> None:
     jax.tree.map(np.testing.assert_array_equal, a.heads[t], b.heads[t])
 
 
-def test_reads_format_2(tmp_path, subspaces):
-  """A format-2 checkpoint (coefficients stored (T, L, K, P)) restores as the same subspace."""
+@pytest.mark.parametrize("version", [2, 3])
+def test_reads_older_formats(tmp_path, subspaces, monkeypatch, version):
+  """Formats 2 and 3 hold no ``lost`` (and 2 stores coefficients (T, L, K, P)): they restore as
+  the same subspace with nothing recorded as lost."""
   s1, _ = subspaces
-  old = s1.replace(
-    groups={
-      g: grp.replace(coef=jnp.transpose(grp.coef, (2, 0, 1, 3))) for g, grp in s1.groups.items()
-    }
-  )
-  ckpt = Checkpointer(tmp_path)
-  ckpt.save(old)
+  old = s1
+  if version == 2:
+    old = s1.replace(
+      groups={
+        g: grp.replace(coef=jnp.transpose(grp.coef, (2, 0, 1, 3))) for g, grp in s1.groups.items()
+      }
+    )
+  arrays_of = checkpoint.subspace_arrays
+  without_lost = lambda s: {p: x for p, x in arrays_of(s).items() if not p.endswith("/lost")}  # noqa: E731
+  monkeypatch.setattr(checkpoint, "subspace_arrays", without_lost)
+  Checkpointer(tmp_path).save(old)
+  monkeypatch.undo()
   meta = tmp_path / "1" / "meta" / "metadata"
   body = json.loads(meta.read_text())
-  assert body["format_version"] == FORMAT_VERSION == 3
-  meta.write_text(json.dumps({**body, "format_version": 2}))  # the checksum covers the body only
-  assert_same(Checkpointer(tmp_path).restore(1), s1)
+  assert body["format_version"] == FORMAT_VERSION == 4
+  meta.write_text(json.dumps({**body, "format_version": version}))  # checksum: the body only
+  want = s1.replace(
+    groups={g: grp.replace(lost=jnp.zeros_like(grp.lost)) for g, grp in s1.groups.items()}
+  )
+  assert any(float(jnp.max(grp.lost)) > 0 for grp in s1.groups.values())
+  assert_same(Checkpointer(tmp_path).restore(1), want)
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -200,7 +212,7 @@ def test_failed_restores_are_clear_and_touch_nothing(tmp_path, subspaces):
     (dict(version=3), r"version 3 in .* is corrupted: cannot read its metadata"),
     (
       dict(version=4),
-      rf"version 4 .* format_version 99 .* reads format_version 2 or {FORMAT_VERSION}",
+      rf"version 4 .* format_version 99 .* reads format_version 2 or 3 or {FORMAT_VERSION}",
     ),
     (
       dict(version=1, base=other),

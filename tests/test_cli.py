@@ -57,7 +57,9 @@ def test_verbs_end_to_end(capsys, tmp_path, adapter_dirs):
     capsys, "init", a / "sst2", a / "mnli", "--out", ckpt, "--k", "3", "--scheme", "share_bert"
   )
   assert code == 0 and "version 1, 2 tasks ['sst2', 'mnli']" in out
-  code, out, _ = run_cli(capsys, "absorb", ckpt, a / "rte", "--task-ids", "rte-v2")
+  code, out, _ = run_cli(
+    capsys, "absorb", ckpt, a / "rte", "--task-ids", "rte-v2", "--explained-of", "absorbed"
+  )
   assert code == 0 and "version 2, 3 tasks (added ['rte-v2'])" in out
 
   code, out, _ = run_cli(capsys, "versions", ckpt)
@@ -70,10 +72,13 @@ def test_verbs_end_to_end(capsys, tmp_path, adapter_dirs):
   info = json.loads(out)
   assert code == 0 and info["version"] == 2 and info["tasks"] == ["sst2", "mnli", "rte-v2"]
   assert {r["k"] for r in info["ranks"]} == {3} and info["config"]["k"] == 3
+  assert info["config"]["explained_of"] == "absorbed"
+  assert all(0 < r["explained"] < 1 for r in info["ranks"])  # k = 3 drops some of 3 rank-r tasks
   assert info["storage"]["ratio_per_task"] > 1 and info["base"] is None
   code, out, _ = run_cli(capsys, "info", ckpt, "--version", "1")
   assert code == 0 and "tasks (2, in learning order): ['sst2', 'mnli']" in out
   assert "layer_0/attention/query/kernel [a]: k=3" in out and "storage:" in out
+  assert "variance explained" in out
 
   code, out, _ = run_cli(capsys, "export", ckpt, "mnli", "--out", tmp_path / "mnli")
   assert code == 0 and "r=3" in out

@@ -149,6 +149,9 @@ def test_shared_init_starts_every_task_from_the_same_lora():
   assert not zoo_train._same_settings(old, shared)
   with pytest.raises(ValueError, match="init mode"):
     zoo_train.initial_lora(dataclasses.replace(per_task, init="bogus"), backbone, "t")
+  # Both CLIs carry it into the zoo's settings.
+  args = lots_of_loras.parse(["--workdir", "unused", "--init", "shared"])
+  assert lots_of_loras.settings_for(args).init == "shared"
 
 
 def test_truncate_and_delta_error_match_numpy():

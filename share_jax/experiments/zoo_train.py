@@ -384,35 +384,30 @@ def read_zoo_adapter(lz: LoadedZoo, name: str, directory: Path | None = None):
   return a.lora, (from_peft_head(a.heads) if a.heads else None)
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--kind", default="text", choices=("text", "fashion"))
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--lr", type=float, default=None, help="Adam step (default 1e-2)")
-  parser.add_argument("--epochs", type=int, default=None, help="default 5 (quick: 4)")
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+  """The zoo's training flags (``--seed --lr --epochs --head --init``), for every CLI that
+  trains one."""
+  parser.add_argument("--seed", type=int, default=0, help="the zoo's seed (tasks, splits, inits)")
+  parser.add_argument("--lr", type=float, default=None, help="the zoo's Adam step (default 1e-2)")
+  parser.add_argument(
+    "--epochs", type=int, default=None, help="the zoo's epochs (default 5, --quick 4)"
+  )
   parser.add_argument(
     "--head",
     default="trained",
     choices=HEAD_MODES,
-    help="frozen: fixed random heads, only LoRAs learn",
+    help="task heads trained with the LoRA, or frozen (fixed random: only the LoRA learns)",
   )
   parser.add_argument(
     "--init",
     default="task",
     choices=INIT_MODES,
-    help="shared: every LoRA from the same initialisation (one seed for all tasks)",
+    help="each LoRA initialised from its task's seed, or shared (one init for every task)",
   )
-  parser.add_argument(
-    "--backbone", default=None, choices=("efficientnet",), help="fashion only (default: vit)"
-  )
-  args = parser.parse_args(argv)
-  if args.backbone and args.kind != "fashion":
-    parser.error("--backbone is for --kind fashion")
-  make = Settings.quick if args.quick else Settings.full
-  s = make(args.kind, backbone=args.backbone)
-  s = dataclasses.replace(
+
+
+def with_training_arguments(s: Settings, args: argparse.Namespace) -> Settings:
+  return dataclasses.replace(
     s,
     seed=args.seed,
     lr=args.lr or s.lr,
@@ -420,7 +415,22 @@ def main(argv=None) -> None:
     head=args.head,
     init=args.init,
   )
-  train_zoo(s, args.out)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--kind", default="text", choices=("text", "fashion"))
+  parser.add_argument("--quick", action="store_true")
+  add_training_arguments(parser)
+  parser.add_argument(
+    "--backbone", default=None, choices=("efficientnet",), help="fashion only (default: vit)"
+  )
+  args = parser.parse_args(argv)
+  if args.backbone and args.kind != "fashion":
+    parser.error("--backbone is for --kind fashion")
+  make = Settings.quick if args.quick else Settings.full
+  train_zoo(with_training_arguments(make(args.kind, backbone=args.backbone), args), args.out)
 
 
 if __name__ == "__main__":
