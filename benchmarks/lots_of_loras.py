@@ -3,7 +3,7 @@ vlora-dev on the same PEFT adapter directories.
 
     python -m benchmarks.lots_of_loras --workdir DIR [--quick] [--seed N] [--kind text|fashion]
         [--backbone efficientnet] [--zoo-dir ZOO] [--tiny] [--share-k K ...] [--vlora-k K ...]
-        [--lr LR] [--results-md]
+        [--lr LR] [--epochs N] [--head trained|frozen] [--init task|shared] [--results-md]
 
 Trains the zoo first if ``ZOO`` (default ``DIR/zoo``) has none (``share_jax.experiments.
 zoo_train``). Every method turns the zoo's adapters into a stored form and back into one LoRA per
@@ -307,7 +307,7 @@ def settings_for(args) -> zoo_train.Settings:
     if args.quick
     else zoo_train.Settings.full(args.kind, backbone=args.backbone)
   )
-  return dataclasses.replace(s, seed=args.seed, lr=args.lr or s.lr)
+  return zoo_train.with_training_arguments(s, args)
 
 
 def grid(quick: bool, minimal: bool, d: int, share_k=None, vlora_k=None) -> dict:
@@ -641,8 +641,7 @@ def parse(argv=None):
   p.add_argument("--workdir", required=True)
   p.add_argument("--quick", action="store_true", help=">= 20 tasks, few examples (CI)")
   p.add_argument("--tiny", action="store_true", help="with --quick: a random tiny backbone")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--lr", type=float, default=None, help="the zoo's Adam step (default 1e-2)")
+  zoo_train.add_training_arguments(p)
   p.add_argument("--kind", default="text", choices=("text", "fashion"))
   p.add_argument(
     "--backbone", default=None, choices=("efficientnet",), help="fashion only (default: vit)"

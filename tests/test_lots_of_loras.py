@@ -10,7 +10,7 @@ from benchmarks import lots_of_loras
 from share_jax import peft_io
 from share_jax.experiments import zoo, zoo_train
 from share_jax.experiments.data import bbc_news, sources, tweet_sentiment
-from share_jax.lora import LoRA
+from share_jax.lora import LoRA, lora_leaves
 from share_jax.paths import nest
 
 
@@ -65,6 +65,93 @@ def test_feature_cache_is_keyed_by_the_universe_not_its_size(tmp_path):
   assert len(calls) == 2 and b["x"].tolist() == [[3, 100], [2, 97], [1, 99]]
   images = np.arange(8, dtype=np.uint8).reshape(2, 2, 2)
   assert zoo_train.universe_key(images) != zoo_train.universe_key(images[::-1])
+
+
+def _toy_backbone(rng):
+  """A (6 -> 16) ReLU projection as a zoo backbone, its kernel the LoRA target."""
+  import jax
+  import jax.numpy as jnp
+
+  from share_jax.experiments import backbones
+
+  params = {"params": {"proj": {"kernel": jnp.asarray(rng.normal(size=(6, 16)), jnp.float32)}}}
+  return backbones.Backbone(
+    "toy",
+    params,
+    16,
+    encode=lambda items: {"x": np.asarray(items, np.float32)},
+    features=lambda p, x: jax.nn.relu(x["x"] @ p["params"]["proj"]["kernel"]),
+    target=r"proj/kernel$",
+  )
+
+
+def test_frozen_head_is_seeded_per_task_and_never_trained():
+  import dataclasses
+
+  import jax
+
+  from share_jax.experiments import fitting
+
+  rng = np.random.default_rng(0)
+  backbone = _toy_backbone(rng)
+  x, y = {"x": rng.normal(size=(16, 6)).astype(np.float32)}, rng.integers(0, 3, 16).astype(np.int32)
+  task = fitting.EncodedTask("t", 3, x, y, x, y)
+  s = dataclasses.replace(zoo_train.Settings(), head="frozen", epochs=1, batch_size=8, lr=0.1)
+  expected = zoo_train.frozen_head(
+    jax.random.fold_in(zoo_train.task_key(s, "t"), 1), backbone.feature_dim, 3
+  )
+  w = np.asarray(expected["w"])
+  np.testing.assert_allclose(w.T @ w, np.eye(3), atol=1e-5)  # orthonormal columns
+  lora, head = zoo_train.make_task_trainer(s, backbone)(task, 0)
+  np.testing.assert_array_equal(head["w"], expected["w"])
+  np.testing.assert_array_equal(head["b"], np.zeros(3))
+  assert any(np.abs(np.asarray(v.b)).max() > 0 for v in lora_leaves(lora).values())  # B from 0
+  # Deterministic per task seed: the same (zoo seed, task) gives the same head, others differ.
+  again = zoo_train.frozen_head(
+    jax.random.fold_in(zoo_train.task_key(s, "t"), 1), backbone.feature_dim, 3
+  )
+  np.testing.assert_array_equal(again["w"], expected["w"])
+  for other in (
+    zoo_train.task_key(s, "u"),
+    zoo_train.task_key(dataclasses.replace(s, seed=1), "t"),
+  ):
+    head = zoo_train.frozen_head(jax.random.fold_in(other, 1), backbone.feature_dim, 3)
+    assert not np.allclose(head["w"], w)
+  # A frozen-head zoo never resumes a trained-head zoo (zoo.json written before the mode existed
+  # counts as trained).
+  old = {k: v for k, v in dataclasses.asdict(zoo_train.Settings()).items() if k != "head"}
+  assert zoo_train._same_settings(old, zoo_train.Settings())
+  assert not zoo_train._same_settings(old, dataclasses.replace(zoo_train.Settings(), head="frozen"))
+
+
+def test_shared_init_starts_every_task_from_the_same_lora():
+  import dataclasses
+
+  backbone = _toy_backbone(np.random.default_rng(0))
+
+  def initial_a(s, name):
+    (leaf,) = lora_leaves(zoo_train.initial_lora(s, backbone, name)).values()
+    assert not np.asarray(leaf.b).any()  # B starts at 0 either way
+    return np.asarray(leaf.a)
+
+  per_task = zoo_train.Settings()
+  shared = dataclasses.replace(per_task, init="shared")
+  np.testing.assert_array_equal(initial_a(shared, "t"), initial_a(shared, "u"))
+  assert not np.allclose(initial_a(per_task, "t"), initial_a(per_task, "u"))
+  # The shared init is the zoo seed's, not any task's; another zoo seed draws another.
+  assert not np.allclose(initial_a(shared, "t"), initial_a(per_task, "t"))
+  other_seed = dataclasses.replace(shared, seed=1)
+  assert not np.allclose(initial_a(shared, "t"), initial_a(other_seed, "t"))
+  # A shared-init zoo never resumes a per-task-init one (zoo.json written before the mode
+  # existed counts as per-task).
+  old = {k: v for k, v in dataclasses.asdict(per_task).items() if k != "init"}
+  assert zoo_train._same_settings(old, per_task)
+  assert not zoo_train._same_settings(old, shared)
+  with pytest.raises(ValueError, match="init mode"):
+    zoo_train.initial_lora(dataclasses.replace(per_task, init="bogus"), backbone, "t")
+  # Both CLIs carry it into the zoo's settings.
+  args = lots_of_loras.parse(["--workdir", "unused", "--init", "shared"])
+  assert lots_of_loras.settings_for(args).init == "shared"
 
 
 def test_truncate_and_delta_error_match_numpy():

@@ -2,7 +2,16 @@
 each written as a PEFT adapter directory, and reading the zoo back for evaluation.
 
     python -m share_jax.experiments.zoo_train --out DIR [--kind text|fashion] [--quick]
-        [--backbone efficientnet] [--lr LR]
+        [--backbone efficientnet] [--lr LR] [--epochs N] [--head trained|frozen]
+        [--init task|shared]
+
+``--head frozen``: each task's head is a fixed random matrix drawn from the task's seed
+(``frozen_head``), never trained, so everything a task learns is in its LoRA (as in an LLM, which
+has no task heads); default ``trained``: the head is trained jointly with the LoRA.
+
+``--init shared``: every task's LoRA starts from the same initialisation (one key drawn from the
+zoo seed alone), as adapters trained with one recipe and one fixed seed do; default ``task``: each
+LoRA starts from its task's seed. Heads and data order are the same either way.
 
 ``DIR/zoo.json`` holds the settings and one row per task (classes, split sizes, majority-class
 accuracy, the LoRA's test accuracy, the accuracy of its head with the adapter removed, training
@@ -50,6 +59,8 @@ HEAD = "classifier"
 EFFICIENTNET_IMAGE_SIZE = 96
 EFFICIENTNET_ADAPT_BLOCKS = 2
 BACKBONES = ("minilm", "tiny_bert", "vit", "vit_tiny", "efficientnet", "efficientnet_tiny")
+HEAD_MODES = ("trained", "frozen")
+INIT_MODES = ("task", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +79,8 @@ class Settings:
   batch_size: int = 32
   seed: int = 0
   max_tasks: int | None = None
+  head: str = "trained"  # or "frozen": a fixed random head per task, only the LoRA trains
+  init: str = "task"  # or "shared": every task's LoRA from the same initialisation
 
   @classmethod
   def quick(cls, kind: str = "text", tiny: bool = False, backbone: str | None = None) -> Settings:
@@ -218,6 +231,8 @@ def prepare(s: Settings, directory: Path, data_dir=None) -> LoadedZoo:
 def _write_manifest(lz: LoadedZoo) -> None:
   doc = {
     "settings": dataclasses.asdict(lz.settings),
+    "head": lz.settings.head,
+    "init": lz.settings.init,
     "backbone": lz.backbone.name,
     "num_tasks": len(lz.zoo.tasks),
     "tasks": lz.rows,
@@ -228,21 +243,91 @@ def _write_manifest(lz: LoadedZoo) -> None:
   os.replace(tmp, path)
 
 
+def frozen_head(key: jax.Array, feature_dim: int, num_classes: int) -> fitting.Head:
+  """A fixed random head: (feature_dim, num_classes) orthonormal columns (QR of a Gaussian), so
+  each logit is the features' projection on a random unit direction; bias 0."""
+  w, _ = jnp.linalg.qr(jax.random.normal(key, (feature_dim, num_classes)))
+  return {"w": w, "b": jnp.zeros((num_classes,))}
+
+
+def task_key(s: Settings, name: str) -> jax.Array:
+  """The task's seed: its LoRA's initialisation (and, folded with 1, its frozen head)."""
+  return jax.random.fold_in(jax.random.key(s.seed), zlib_hash(name))
+
+
+# Folded into the zoo seed for the shared LoRA initialisation: above zlib_hash's 31 bits, so it is
+# never a task's key.
+_SHARED_INIT = 2**31
+
+
+def initial_lora(s: Settings, backbone: Backbone, name: str) -> dict:
+  """Task ``name``'s LoRA before training: from its task key (``s.init == "task"``) or, for every
+  task alike, from one key of the zoo seed alone (``"shared"``)."""
+  if s.init not in INIT_MODES:
+    raise ValueError(f"unknown init mode {s.init!r}; known: {', '.join(INIT_MODES)}")
+  shared = jax.random.fold_in(jax.random.key(s.seed), _SHARED_INIT)
+  key = shared if s.init == "shared" else task_key(s, name)
+  return sj.init_lora_tree(backbone.params, backbone.target, rank=s.rank, rng=key)
+
+
+def make_task_trainer(s: Settings, backbone: Backbone):
+  """``train(task, index) -> (lora, head)``: one task's rank-``s.rank`` LoRA (initialised by
+  ``initial_lora``), with its head trained jointly (``s.head == "trained"``) or fixed to
+  ``frozen_head`` (``"frozen"``)."""
+  if s.head not in HEAD_MODES:
+    raise ValueError(f"unknown head mode {s.head!r}; known: {', '.join(HEAD_MODES)}")
+  if s.init not in INIT_MODES:
+    raise ValueError(f"unknown init mode {s.init!r}; known: {', '.join(INIT_MODES)}")
+  loss = fitting.classification_loss(backbone.features)
+  opt = optax.adam(s.lr)
+
+  def objective(tr, params, fixed_head, batch):
+    head = tr["head"] if "head" in tr else fixed_head
+    return loss(sj.apply_lora(params, tr["lora"]), head, batch)
+
+  step = sj.make_step(objective, opt)
+
+  def train(task: fitting.EncodedTask, index: int):
+    key = task_key(s, task.name)
+    lora = initial_lora(s, backbone, task.name)
+    fixed = None
+    trainable = {"lora": lora}
+    if s.head == "frozen":
+      fixed = frozen_head(jax.random.fold_in(key, 1), backbone.feature_dim, task.num_classes)
+    else:
+      trainable["head"] = fitting.zero_head(backbone.feature_dim, task.num_classes)
+    trainable, _ = fitting.fit(
+      lambda tr, o, b: step(tr, o, backbone.params, fixed, b),
+      trainable,
+      opt.init(trainable),
+      [(task.x_train, task.y_train, {})],
+      epochs=s.epochs,
+      batch_size=s.batch_size,
+      seed=s.seed * 7919 + index,
+      desc=task.name,
+    )
+    return trainable["lora"], trainable.get("head", fixed)
+
+  return train
+
+
+def _same_settings(recorded: dict, s: Settings) -> bool:
+  """Zoos written before the head (init) mode existed trained their heads (initialised each
+  LoRA from its task's seed)."""
+  return {"head": "trained", "init": "task", **recorded} == dataclasses.asdict(s)
+
+
 def train_zoo(s: Settings, directory: str | Path, data_dir=None, log=None) -> LoadedZoo:
   """Trains (or resumes) every task's LoRA + head; returns the loaded zoo with all rows."""
   directory = Path(directory)
   log = log or (lambda msg: print(msg, flush=True))
   lz = prepare(s, directory, data_dir)
   manifest = directory / "zoo.json"
-  if manifest.is_file() and json.loads(manifest.read_text())["settings"] != dataclasses.asdict(s):
+  if manifest.is_file() and not _same_settings(json.loads(manifest.read_text())["settings"], s):
     raise ValueError(f"{manifest} was made with other settings; use another directory")
   done = {r["name"]: r for r in lz.rows if lz.adapter_dir(r["name"]).is_dir()}
   ev = Evaluator(lz.backbone)
-  loss = fitting.classification_loss(lz.backbone.features)
-  opt = optax.adam(s.lr)
-  step = sj.make_step(
-    lambda tr, params, batch: loss(sj.apply_lora(params, tr["lora"]), tr["head"], batch), opt
-  )
+  train = make_task_trainer(s, lz.backbone)
   rows = []
   start_all = time.perf_counter()
   for i, (spec_task, task) in enumerate(zip(lz.zoo.tasks, lz.tasks, strict=True)):
@@ -250,24 +335,8 @@ def train_zoo(s: Settings, directory: str | Path, data_dir=None, log=None) -> Lo
       rows.append(done[task.name])
       continue
     start = time.perf_counter()
-    key = jax.random.fold_in(jax.random.key(s.seed), zlib_hash(task.name))
-    lora = sj.init_lora_tree(lz.backbone.params, lz.backbone.target, rank=s.rank, rng=key)
-    trainable = {
-      "lora": lora,
-      "head": fitting.zero_head(lz.backbone.feature_dim, task.num_classes),
-    }
-    trainable, _ = fitting.fit(
-      lambda tr, o, b: step(tr, o, lz.backbone.params, b),
-      trainable,
-      opt.init(trainable),
-      [(task.x_train, task.y_train, {})],
-      epochs=s.epochs,
-      batch_size=s.batch_size,
-      seed=s.seed * 7919 + i,
-      desc=task.name,
-    )
+    lora, head = train(task, i)
     seconds = time.perf_counter() - start
-    lora, head = trainable["lora"], trainable["head"]
     out = lz.adapter_dir(task.name)
     if out.exists():  # a run killed between writing the adapter and the manifest
       shutil.rmtree(out)
@@ -315,13 +384,45 @@ def read_zoo_adapter(lz: LoadedZoo, name: str, directory: Path | None = None):
   return a.lora, (from_peft_head(a.heads) if a.heads else None)
 
 
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+  """The zoo's training flags (``--seed --lr --epochs --head --init``), for every CLI that
+  trains one."""
+  parser.add_argument("--seed", type=int, default=0, help="the zoo's seed (tasks, splits, inits)")
+  parser.add_argument("--lr", type=float, default=None, help="the zoo's Adam step (default 1e-2)")
+  parser.add_argument(
+    "--epochs", type=int, default=None, help="the zoo's epochs (default 5, --quick 4)"
+  )
+  parser.add_argument(
+    "--head",
+    default="trained",
+    choices=HEAD_MODES,
+    help="task heads trained with the LoRA, or frozen (fixed random: only the LoRA learns)",
+  )
+  parser.add_argument(
+    "--init",
+    default="task",
+    choices=INIT_MODES,
+    help="each LoRA initialised from its task's seed, or shared (one init for every task)",
+  )
+
+
+def with_training_arguments(s: Settings, args: argparse.Namespace) -> Settings:
+  return dataclasses.replace(
+    s,
+    seed=args.seed,
+    lr=args.lr or s.lr,
+    epochs=args.epochs or s.epochs,
+    head=args.head,
+    init=args.init,
+  )
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True)
   parser.add_argument("--kind", default="text", choices=("text", "fashion"))
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--lr", type=float, default=None, help="Adam step (default 1e-2)")
+  add_training_arguments(parser)
   parser.add_argument(
     "--backbone", default=None, choices=("efficientnet",), help="fashion only (default: vit)"
   )
@@ -329,9 +430,7 @@ def main(argv=None) -> None:
   if args.backbone and args.kind != "fashion":
     parser.error("--backbone is for --kind fashion")
   make = Settings.quick if args.quick else Settings.full
-  s = make(args.kind, backbone=args.backbone)
-  s = dataclasses.replace(s, seed=args.seed, lr=args.lr or s.lr)
-  train_zoo(s, args.out)
+  train_zoo(with_training_arguments(make(args.kind, backbone=args.backbone), args), args.out)
 
 
 if __name__ == "__main__":
