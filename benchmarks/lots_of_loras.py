@@ -3,7 +3,7 @@ vlora-dev on the same PEFT adapter directories.
 
     python -m benchmarks.lots_of_loras --workdir DIR [--quick] [--seed N] [--kind text|fashion]
         [--backbone efficientnet] [--zoo-dir ZOO] [--tiny] [--share-k K ...] [--vlora-k K ...]
-        [--lr LR] [--epochs N] [--head trained|frozen] [--results-md]
+        [--lr LR] [--epochs N] [--head trained|frozen] [--init task|shared] [--results-md]
 
 Trains the zoo first if ``ZOO`` (default ``DIR/zoo``) has none (``share_jax.experiments.
 zoo_train``). Every method turns the zoo's adapters into a stored form and back into one LoRA per

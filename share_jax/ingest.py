@@ -7,6 +7,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from share_jax._driver import bucket, merge_columns
 from share_jax._factors import stack_factors
@@ -139,3 +140,19 @@ def absorb(
   check_new_task_ids(subspace, [t for t, _ in tasks])
   check_tasks(subspace.layout, tasks)
   return _merge(subspace, tasks, config)
+
+
+def compress(subspace: Subspace, *, config: SubspaceConfig | None = None, **options) -> Subspace:
+  """Re-choose k from the stored tasks alone: a merge with no new adapter. Absorb at a generous
+  k, then compress to the k you want once the adapters are in: the bases are then chosen from
+  everything at once (as ``init_subspace`` would from the stored tasks), not from early batches.
+  Every task is re-projected and its error bound grows by what it loses. ``config`` and keyword
+  options as in ``absorb``."""
+  config = resolve_config(config or subspace.config, **_options(options))
+  if not subspace.task_ids:
+    raise ShareError("compress needs a subspace that holds at least one task")
+  none = {
+    g: (np.zeros((0, n, d, 1), np.float32), np.zeros((0, n), np.int32))
+    for g, (d, n) in subspace.layout.groups.items()
+  }
+  return merge_columns(subspace, [], none, config)

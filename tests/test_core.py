@@ -9,6 +9,7 @@ from numpy_reference import (
   Planted,
   active_basis,
   basis_ref,
+  delta_error,
   projector_distance,
   rel_err,
   side_columns,
@@ -40,6 +41,28 @@ def test_init_matches_explicit_stack_svd(center):
       for i, lora in enumerate(loras):  # coefficients = uncentred projection βᵀ X
         cols = side_columns(sj.lora_leaves(lora)[path], side)
         assert rel_err(task_columns(sub, i, path, side), u_ref @ (u_ref.T @ cols)) < 1e-4
+
+
+def test_compress_chooses_the_bases_from_all_stored_tasks():
+  """Absorb losslessly in two batches, then compress to k = 4: the bases and every task are the
+  explicit-stack SVD's of all tasks at once (float64), and each error bound is the true error."""
+  center = True  # the uncentred rotation is the same merge, tested by init/absorb above
+  pl = Planted(seed=3, shapes={f"enc/l0/{m}/kernel": (24, 24) for m in ("q", "v")})
+  loras = pl.loras(6, rank=3)
+  sub = sj.init_subspace(pl.params, loras[:3], explained_variance=1.0, center=center)
+  sub = sj.compress(sj.absorb(sub, loras[3:], task_ids=[3, 4, 5]), k=4)
+  for path in pl.shapes:
+    for side in SIDES:
+      u_ref, _, _ = basis_ref(stack(loras, path, side), center=center, k=4)
+      assert projector_distance(active_basis(sub, path, side), u_ref) < 1e-4
+      for i, lora in enumerate(loras):
+        cols = side_columns(sj.lora_leaves(lora)[path], side)
+        assert rel_err(task_columns(sub, i, path, side), u_ref @ (u_ref.T @ cols)) < 1e-4
+  for i, lora in enumerate(loras):
+    true = delta_error(sj.lora_leaves(sj.reconstruct(sub, i)), sj.lora_leaves(lora))
+    assert abs(sj.task_errors(sub)[i] - true) < 1e-4
+  with pytest.raises(sj.ShareError, match="at least one task"):
+    sj.compress(sj.empty_subspace(pl.params, "kernel$"), k=2)
 
 
 def test_explained_variance_chooses_the_reference_k():
@@ -241,6 +264,15 @@ def test_task_capacity_grows_in_power_of_two_buckets():
     sub = sj.absorb(sub, pl.loras(1), task_ids=[f"t{t}"])
     caps.add(next(iter(sub.groups.values())).capacity[1])
   assert caps == {4, 8, 16, 32}  # 4 → 23 tasks: three doublings, no other size
+
+
+def test_big_batches_pad_to_multiples_of_eight():
+  """Batch rows: powers of two up to 16 (few compiles for small batches), then multiples of 8
+  (a merge's small space, and its cubic SVD, grows with every padded row). Zero-padded rows are
+  masked as for any batch (every absorb test pads m = 3 to 4)."""
+  from share_jax._driver import batch_rows
+
+  assert [batch_rows(m) for m in (1, 3, 16, 17, 20, 50, 64, 100)] == [1, 4, 16, 24, 24, 56, 64, 104]
 
 
 def test_storage_counts_coefficients_bases_and_loras():

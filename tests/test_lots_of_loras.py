@@ -67,17 +67,15 @@ def test_feature_cache_is_keyed_by_the_universe_not_its_size(tmp_path):
   assert zoo_train.universe_key(images) != zoo_train.universe_key(images[::-1])
 
 
-def test_frozen_head_is_seeded_per_task_and_never_trained():
-  import dataclasses
-
+def _toy_backbone(rng):
+  """A (6 -> 16) ReLU projection as a zoo backbone, its kernel the LoRA target."""
   import jax
   import jax.numpy as jnp
 
-  from share_jax.experiments import backbones, fitting
+  from share_jax.experiments import backbones
 
-  rng = np.random.default_rng(0)
   params = {"params": {"proj": {"kernel": jnp.asarray(rng.normal(size=(6, 16)), jnp.float32)}}}
-  backbone = backbones.Backbone(
+  return backbones.Backbone(
     "toy",
     params,
     16,
@@ -85,6 +83,17 @@ def test_frozen_head_is_seeded_per_task_and_never_trained():
     features=lambda p, x: jax.nn.relu(x["x"] @ p["params"]["proj"]["kernel"]),
     target=r"proj/kernel$",
   )
+
+
+def test_frozen_head_is_seeded_per_task_and_never_trained():
+  import dataclasses
+
+  import jax
+
+  from share_jax.experiments import fitting
+
+  rng = np.random.default_rng(0)
+  backbone = _toy_backbone(rng)
   x, y = {"x": rng.normal(size=(16, 6)).astype(np.float32)}, rng.integers(0, 3, 16).astype(np.int32)
   task = fitting.EncodedTask("t", 3, x, y, x, y)
   s = dataclasses.replace(zoo_train.Settings(), head="frozen", epochs=1, batch_size=8, lr=0.1)
@@ -113,6 +122,36 @@ def test_frozen_head_is_seeded_per_task_and_never_trained():
   old = {k: v for k, v in dataclasses.asdict(zoo_train.Settings()).items() if k != "head"}
   assert zoo_train._same_settings(old, zoo_train.Settings())
   assert not zoo_train._same_settings(old, dataclasses.replace(zoo_train.Settings(), head="frozen"))
+
+
+def test_shared_init_starts_every_task_from_the_same_lora():
+  import dataclasses
+
+  backbone = _toy_backbone(np.random.default_rng(0))
+
+  def initial_a(s, name):
+    (leaf,) = lora_leaves(zoo_train.initial_lora(s, backbone, name)).values()
+    assert not np.asarray(leaf.b).any()  # B starts at 0 either way
+    return np.asarray(leaf.a)
+
+  per_task = zoo_train.Settings()
+  shared = dataclasses.replace(per_task, init="shared")
+  np.testing.assert_array_equal(initial_a(shared, "t"), initial_a(shared, "u"))
+  assert not np.allclose(initial_a(per_task, "t"), initial_a(per_task, "u"))
+  # The shared init is the zoo seed's, not any task's; another zoo seed draws another.
+  assert not np.allclose(initial_a(shared, "t"), initial_a(per_task, "t"))
+  other_seed = dataclasses.replace(shared, seed=1)
+  assert not np.allclose(initial_a(shared, "t"), initial_a(other_seed, "t"))
+  # A shared-init zoo never resumes a per-task-init one (zoo.json written before the mode
+  # existed counts as per-task).
+  old = {k: v for k, v in dataclasses.asdict(per_task).items() if k != "init"}
+  assert zoo_train._same_settings(old, per_task)
+  assert not zoo_train._same_settings(old, shared)
+  with pytest.raises(ValueError, match="init mode"):
+    zoo_train.initial_lora(dataclasses.replace(per_task, init="bogus"), backbone, "t")
+  # Both CLIs carry it into the zoo's settings.
+  args = lots_of_loras.parse(["--workdir", "unused", "--init", "shared"])
+  assert lots_of_loras.settings_for(args).init == "shared"
 
 
 def test_truncate_and_delta_error_match_numpy():

@@ -3,10 +3,15 @@ each written as a PEFT adapter directory, and reading the zoo back for evaluatio
 
     python -m share_jax.experiments.zoo_train --out DIR [--kind text|fashion] [--quick]
         [--backbone efficientnet] [--lr LR] [--epochs N] [--head trained|frozen]
+        [--init task|shared]
 
 ``--head frozen``: each task's head is a fixed random matrix drawn from the task's seed
 (``frozen_head``), never trained, so everything a task learns is in its LoRA (as in an LLM, which
 has no task heads); default ``trained``: the head is trained jointly with the LoRA.
+
+``--init shared``: every task's LoRA starts from the same initialisation (one key drawn from the
+zoo seed alone), as adapters trained with one recipe and one fixed seed do; default ``task``: each
+LoRA starts from its task's seed. Heads and data order are the same either way.
 
 ``DIR/zoo.json`` holds the settings and one row per task (classes, split sizes, majority-class
 accuracy, the LoRA's test accuracy, the accuracy of its head with the adapter removed, training
@@ -55,6 +60,7 @@ EFFICIENTNET_IMAGE_SIZE = 96
 EFFICIENTNET_ADAPT_BLOCKS = 2
 BACKBONES = ("minilm", "tiny_bert", "vit", "vit_tiny", "efficientnet", "efficientnet_tiny")
 HEAD_MODES = ("trained", "frozen")
+INIT_MODES = ("task", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +80,7 @@ class Settings:
   seed: int = 0
   max_tasks: int | None = None
   head: str = "trained"  # or "frozen": a fixed random head per task, only the LoRA trains
+  init: str = "task"  # or "shared": every task's LoRA from the same initialisation
 
   @classmethod
   def quick(cls, kind: str = "text", tiny: bool = False, backbone: str | None = None) -> Settings:
@@ -225,6 +232,7 @@ def _write_manifest(lz: LoadedZoo) -> None:
   doc = {
     "settings": dataclasses.asdict(lz.settings),
     "head": lz.settings.head,
+    "init": lz.settings.init,
     "backbone": lz.backbone.name,
     "num_tasks": len(lz.zoo.tasks),
     "tasks": lz.rows,
@@ -247,11 +255,29 @@ def task_key(s: Settings, name: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(s.seed), zlib_hash(name))
 
 
+# Folded into the zoo seed for the shared LoRA initialisation: above zlib_hash's 31 bits, so it is
+# never a task's key.
+_SHARED_INIT = 2**31
+
+
+def initial_lora(s: Settings, backbone: Backbone, name: str) -> dict:
+  """Task ``name``'s LoRA before training: from its task key (``s.init == "task"``) or, for every
+  task alike, from one key of the zoo seed alone (``"shared"``)."""
+  if s.init not in INIT_MODES:
+    raise ValueError(f"unknown init mode {s.init!r}; known: {', '.join(INIT_MODES)}")
+  shared = jax.random.fold_in(jax.random.key(s.seed), _SHARED_INIT)
+  key = shared if s.init == "shared" else task_key(s, name)
+  return sj.init_lora_tree(backbone.params, backbone.target, rank=s.rank, rng=key)
+
+
 def make_task_trainer(s: Settings, backbone: Backbone):
-  """``train(task, index) -> (lora, head)``: one task's rank-``s.rank`` LoRA, with its head
-  trained jointly (``s.head == "trained"``) or fixed to ``frozen_head`` (``"frozen"``)."""
+  """``train(task, index) -> (lora, head)``: one task's rank-``s.rank`` LoRA (initialised by
+  ``initial_lora``), with its head trained jointly (``s.head == "trained"``) or fixed to
+  ``frozen_head`` (``"frozen"``)."""
   if s.head not in HEAD_MODES:
     raise ValueError(f"unknown head mode {s.head!r}; known: {', '.join(HEAD_MODES)}")
+  if s.init not in INIT_MODES:
+    raise ValueError(f"unknown init mode {s.init!r}; known: {', '.join(INIT_MODES)}")
   loss = fitting.classification_loss(backbone.features)
   opt = optax.adam(s.lr)
 
@@ -263,7 +289,7 @@ def make_task_trainer(s: Settings, backbone: Backbone):
 
   def train(task: fitting.EncodedTask, index: int):
     key = task_key(s, task.name)
-    lora = sj.init_lora_tree(backbone.params, backbone.target, rank=s.rank, rng=key)
+    lora = initial_lora(s, backbone, task.name)
     fixed = None
     trainable = {"lora": lora}
     if s.head == "frozen":
@@ -286,8 +312,9 @@ def make_task_trainer(s: Settings, backbone: Backbone):
 
 
 def _same_settings(recorded: dict, s: Settings) -> bool:
-  """Zoos written before the head mode existed trained their heads."""
-  return {"head": "trained", **recorded} == dataclasses.asdict(s)
+  """Zoos written before the head (init) mode existed trained their heads (initialised each
+  LoRA from its task's seed)."""
+  return {"head": "trained", "init": "task", **recorded} == dataclasses.asdict(s)
 
 
 def train_zoo(s: Settings, directory: str | Path, data_dir=None, log=None) -> LoadedZoo:
@@ -358,7 +385,8 @@ def read_zoo_adapter(lz: LoadedZoo, name: str, directory: Path | None = None):
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-  """The zoo's training flags (``--seed --lr --epochs --head``), for every CLI that trains one."""
+  """The zoo's training flags (``--seed --lr --epochs --head --init``), for every CLI that
+  trains one."""
   parser.add_argument("--seed", type=int, default=0, help="the zoo's seed (tasks, splits, inits)")
   parser.add_argument("--lr", type=float, default=None, help="the zoo's Adam step (default 1e-2)")
   parser.add_argument(
@@ -370,11 +398,22 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     choices=HEAD_MODES,
     help="task heads trained with the LoRA, or frozen (fixed random: only the LoRA learns)",
   )
+  parser.add_argument(
+    "--init",
+    default="task",
+    choices=INIT_MODES,
+    help="each LoRA initialised from its task's seed, or shared (one init for every task)",
+  )
 
 
 def with_training_arguments(s: Settings, args: argparse.Namespace) -> Settings:
   return dataclasses.replace(
-    s, seed=args.seed, lr=args.lr or s.lr, epochs=args.epochs or s.epochs, head=args.head
+    s,
+    seed=args.seed,
+    lr=args.lr or s.lr,
+    epochs=args.epochs or s.epochs,
+    head=args.head,
+    init=args.init,
   )
 
 
