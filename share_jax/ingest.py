@@ -134,7 +134,9 @@ def absorb(
 ) -> Subspace:
   """Fold new LoRAs (one or a batch) into the shared bases: k is re-chosen and every existing
   task is re-projected. ``config`` replaces the subspace's config; keyword options (fields of
-  ``SubspaceConfig``) override single fields of it."""
+  ``SubspaceConfig``) override single fields of it. Absorbing in pieces: with
+  ``explained_variance`` set ``explained_of="absorbed"`` so earlier losses count; with a fixed
+  k, absorb at a larger k and ``compress`` once all adapters are in."""
   config = resolve_config(config or subspace.config, **_options(options))
   tasks = as_tasks(loras, task_ids)
   check_new_task_ids(subspace, [t for t, _ in tasks])
