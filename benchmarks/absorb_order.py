@@ -40,10 +40,7 @@ def run(args) -> dict:
   )
   workdir = Path(args.workdir)
   lz = zoo_train.train_zoo(s, Path(args.zoo_dir) if args.zoo_dir else workdir / "zoo")
-  names = [t.name for t in lz.zoo.tasks]
-  originals, heads = {}, {}
-  for n in names:
-    originals[n], heads[n] = zoo_train.read_zoo_adapter(lz, n)
+  names, originals, heads = zoo_train.read_zoo(lz)
   scorer = Scorer(lz, names, originals, heads)
   original_bytes = sum(lora_params(originals[n]) for n in names) * FLOAT_BYTES
   batch = 8 if args.quick else 50

@@ -336,10 +336,7 @@ def run(args) -> dict:
   zoo_dir = Path(args.zoo_dir) if args.zoo_dir else workdir / "zoo"
   log = (lambda *a: print(*a, flush=True)) if not args.silent else (lambda *a: None)
   lz, zoo_seconds = _timed(lambda: zoo_train.train_zoo(s, zoo_dir, log=log))
-  names = [t.name for t in lz.zoo.tasks]
-  originals, heads = {}, {}
-  for n in names:
-    originals[n], heads[n] = zoo_train.read_zoo_adapter(lz, n)
+  names, originals, heads = zoo_train.read_zoo(lz)
   params = lz.backbone.params
   d = min(min(x.a.shape[0], x.b.shape[1]) for x in lora_leaves(originals[names[0]]).values())
   g = grid(args.quick, args.minimal, d, args.share_k, args.vlora_k)

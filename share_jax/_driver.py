@@ -89,9 +89,9 @@ def merge_columns(
     )
     beta = _budget(fresh, norm2, config)
   groups, res, kept = {}, {}, {}
+  absorbed = config.explained_of == "absorbed"
   for g, group in grown.items():
     d, _ = layout.groups[g]
-    absorbed = config.explained_of == "absorbed"
     rule = Rule(kind, float(value), config.limit(d), config.center, absorbed)
     x, ncols = new[g]
     k_out = rule.limit if kind == "k" else max(group.capacity[0], min(rule.limit, _MIN_K))

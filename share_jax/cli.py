@@ -175,6 +175,7 @@ def _info(ckpt: Checkpointer, version: int | None) -> dict:
   version = ckpt.latest() if version is None else version
   meta = ckpt.metadata(version)
   subspace = ckpt.restore(version)
+  held = explained(subspace)
   return {
     "version": version,
     "library_version": meta.library_version,
@@ -182,10 +183,7 @@ def _info(ckpt: Checkpointer, version: int | None) -> dict:
     "tasks": list(meta.task_ids),
     "config": dataclasses.asdict(meta.config),
     "base": digest(meta.base) if meta.base else None,
-    "ranks": [
-      {**dataclasses.asdict(r), "explained": explained(subspace)[(r.path, r.side)]}
-      for r in meta.ranks
-    ],
+    "ranks": [{**dataclasses.asdict(r), "explained": held[(r.path, r.side)]} for r in meta.ranks],
     "storage": storage(subspace).summary(),
   }
 

@@ -247,9 +247,9 @@ def _merge_one(basis, scatter, lost, coef, ncols, partner, x, x_ncols, start, be
   energies = jnp.sum(mm("ni,nc->ic", v, f) ** 2, axis=1)
   size = max(f.shape)
   kept_g = jnp.sum(mm("ni,nc->ic", v, g) ** 2, axis=1)
-  # Directions without energy are round-off: never keep them, whatever the rule.
+  # Directions without energy are round-off: never keep them, whatever the rule, nor grow the
+  # capacity for them.
   rank = jnp.sum(kept_g > (size * _EPS32) ** 2 * jnp.max(kept_g))
-  # Directions without energy are never kept: never grow the capacity for them either.
   want = jnp.minimum(_want(rule, energies, lost, w_all, partner, beta, size), jnp.maximum(rank, 1))
   k_sel = jnp.minimum(want, min(k_out, n))
   keep = (jnp.arange(n) < k_sel).astype(jnp.float32)

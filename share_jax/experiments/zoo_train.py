@@ -82,6 +82,11 @@ class Settings:
   head: str = "trained"  # or "frozen": a fixed random head per task, only the LoRA trains
   init: str = "task"  # or "shared": every task's LoRA from the same initialisation
 
+  def __post_init__(self):
+    for name, modes in (("head", HEAD_MODES), ("init", INIT_MODES)):
+      if getattr(self, name) not in modes:
+        raise ValueError(f"unknown {name} mode {getattr(self, name)!r}; known: {', '.join(modes)}")
+
   @classmethod
   def quick(cls, kind: str = "text", tiny: bool = False, backbone: str | None = None) -> Settings:
     """≥ 20 tasks, few examples; ``tiny``: a random tiny backbone (tests, no assets needed for
@@ -231,8 +236,6 @@ def prepare(s: Settings, directory: Path, data_dir=None) -> LoadedZoo:
 def _write_manifest(lz: LoadedZoo) -> None:
   doc = {
     "settings": dataclasses.asdict(lz.settings),
-    "head": lz.settings.head,
-    "init": lz.settings.init,
     "backbone": lz.backbone.name,
     "num_tasks": len(lz.zoo.tasks),
     "tasks": lz.rows,
@@ -263,8 +266,6 @@ _SHARED_INIT = 2**31
 def initial_lora(s: Settings, backbone: Backbone, name: str) -> dict:
   """Task ``name``'s LoRA before training: from its task key (``s.init == "task"``) or, for every
   task alike, from one key of the zoo seed alone (``"shared"``)."""
-  if s.init not in INIT_MODES:
-    raise ValueError(f"unknown init mode {s.init!r}; known: {', '.join(INIT_MODES)}")
   shared = jax.random.fold_in(jax.random.key(s.seed), _SHARED_INIT)
   key = shared if s.init == "shared" else task_key(s, name)
   return sj.init_lora_tree(backbone.params, backbone.target, rank=s.rank, rng=key)
@@ -274,10 +275,6 @@ def make_task_trainer(s: Settings, backbone: Backbone):
   """``train(task, index) -> (lora, head)``: one task's rank-``s.rank`` LoRA (initialised by
   ``initial_lora``), with its head trained jointly (``s.head == "trained"``) or fixed to
   ``frozen_head`` (``"frozen"``)."""
-  if s.head not in HEAD_MODES:
-    raise ValueError(f"unknown head mode {s.head!r}; known: {', '.join(HEAD_MODES)}")
-  if s.init not in INIT_MODES:
-    raise ValueError(f"unknown init mode {s.init!r}; known: {', '.join(INIT_MODES)}")
   loss = fitting.classification_loss(backbone.features)
   opt = optax.adam(s.lr)
 
@@ -382,6 +379,15 @@ def read_zoo_adapter(lz: LoadedZoo, name: str, directory: Path | None = None):
     directory or lz.adapter_dir(name), scheme=SCHEME, params=lz.backbone.params
   )
   return a.lora, (from_peft_head(a.heads) if a.heads else None)
+
+
+def read_zoo(lz: LoadedZoo) -> tuple[list[str], dict, dict]:
+  """(task names in zoo order, {name: LoRA tree}, {name: head}) of the zoo's own adapters."""
+  names = [t.name for t in lz.zoo.tasks]
+  originals, heads = {}, {}
+  for n in names:
+    originals[n], heads[n] = read_zoo_adapter(lz, n)
+  return names, originals, heads
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
