@@ -3,7 +3,7 @@
 from share_jax._version import __version__
 from share_jax.apply import apply_factors, project, reconstruct, task_params
 from share_jax.errors import ShareError, UnknownTaskError
-from share_jax.fidelity import explained, task_errors
+from share_jax.fidelity import explained, settle, task_errors
 from share_jax.ingest import absorb, compress, empty_subspace, init_subspace
 from share_jax.lora import LoRA, apply_lora, init_lora_tree, lora_leaves, select_kernels
 from share_jax.paths import flatten_with_paths, nest
@@ -62,6 +62,7 @@ __all__ = [
   "reconstruct",
   "select_kernels",
   "set_task",
+  "settle",
   "storage",
   "task_errors",
   "task_params",

@@ -291,7 +291,8 @@ def _pytree_fields(cls) -> list[str]:
 
 
 def subspace_arrays(subspace: Subspace) -> dict[str, jax.Array]:
-  """Every array leaf of the subspace by key path (see the module docstring)."""
+  """Every array leaf of a settled subspace (``fidelity.settle``) by key path, without the frame
+  fields (see the module docstring)."""
   out = {}
   for name in _pytree_fields(Subspace):
     if name == "task_heads":
@@ -304,7 +305,10 @@ def subspace_arrays(subspace: Subspace) -> dict[str, jax.Array]:
         i = subspace.task_index(t)
         out.update({f"heads/{i}/{p}": jnp.asarray(x) for p, x in leaves.items()})
     else:
-      for p, x in flatten_with_paths(getattr(subspace, name)).items():
+      value = getattr(subspace, name)
+      if name == "groups":  # frames are a cache of a settled subspace: not stored
+        value = {g: grp.stored() for g, grp in value.items()}
+      for p, x in flatten_with_paths(value).items():
         out[f"{name}/{p}" if p else name] = jnp.asarray(x)
   return out
 
@@ -315,12 +319,15 @@ def rebuild(meta: CheckpointMeta, arrays: dict[str, jax.Array]) -> Subspace:
   leaf put back at its key path (so its node types need no knowledge here)."""
   tree = nest(arrays)
   heads = tree.pop("heads", {})
+  groups = {g: FactorGroup(**f) for g, f in tree.pop("groups", {}).items()}
+  slots = next(iter(groups.values())).capacity[1] if groups else max(len(meta.task_ids), 1)
   subspace = Subspace.create(
-    groups={g: FactorGroup(**f) for g, f in tree.pop("groups", {}).items()},
+    groups=groups,
     heads={meta.task_ids[i]: heads.get(str(i), {}) for i in meta.heads},
     layout=meta.layout,
     task_ids=meta.task_ids,
     config=meta.config,
+    norm=np.zeros(slots, np.float32),  # the saved record is put back below
   )
   extra = [n for n in _pytree_fields(Subspace) if n not in ("groups", "task_heads")]
   unknown = sorted(tree.keys() - set(extra))

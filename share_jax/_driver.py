@@ -7,13 +7,15 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from share_jax import fidelity
 from share_jax._profiling import call_kernel, phase
+from share_jax.frames import next_frame
 from share_jax.merge import Rule, merge_group
-from share_jax.subspace import FactorGroup, Subspace, SubspaceConfig, TaskTable, id_code
+from share_jax.subspace import FRAMES, FactorGroup, Subspace, SubspaceConfig, TaskTable, id_code
 
 _MIN_K = 8
 
@@ -36,7 +38,11 @@ def _grow(group: FactorGroup, t_cap: int, p_cap: int) -> FactorGroup:
   if (t, p) == (t_cap, p_cap):
     return group
   coef = jnp.pad(group.coef, ((0, 0), (0, 0), (0, t_cap - t), (0, p_cap - p)))
-  return group.replace(coef=coef, ncols=jnp.pad(group.ncols, ((0, t_cap - t), (0, 0))))
+  return group.replace(
+    coef=coef,
+    ncols=jnp.pad(group.ncols, ((0, t_cap - t), (0, 0))),
+    frame=jnp.pad(group.frame, (0, t_cap - t)),
+  )
 
 
 def _budget(tasks: TaskTable, norm2: jnp.ndarray, config: SubspaceConfig) -> jnp.ndarray:
@@ -55,7 +61,8 @@ def merge_columns(
   config: SubspaceConfig | None = None,
 ) -> Subspace:
   """Fold new tasks, given as factor columns ``{group: (x (m, L, d, p), ncols (m, L))}``, into the
-  bases; every stored task is re-projected. Callers validate ids and shapes."""
+  bases; the new tasks open a frame, and every ``FRAMES - 1`` merges the stored tasks are
+  settled (``share_jax.frames``). Callers validate ids and shapes."""
   config = config or subspace.config
   layout = subspace.layout
   t0, m = subspace.num_tasks, len(task_ids)
@@ -72,17 +79,21 @@ def merge_columns(
       jnp.asarray(x, jnp.float32), ((0, m_cap - m), (0, 0), (0, 0), (0, p_cap - x.shape[-1]))
     )
     new[g] = (x, jnp.pad(jnp.asarray(ncols, jnp.int32), ((0, m_cap - m), (0, 0))))
-  is_new = (np.arange(t_cap) >= t0) & (np.arange(t_cap) < t0 + m)
   tasks = subspace.tasks.grow(t_cap)
   tasks = tasks.replace(
     code=tasks.code.at[t0 : t0 + m].set(np.asarray([id_code(t) for t in task_ids], np.int32))
   )
   kind, value = config.rule
+  frame = next_frame(next(iter(grown.values())), t0)
+  if t0 and (frame >= FRAMES or kind == "max_task_error"):
+    grown, error = fidelity.settle_groups(grown, tasks, layout, t0)
+    tasks, frame = tasks.replace(error=error), 1  # every held task is in frame 0 now
   partner, beta = {g: None for g in grown}, None
   if kind == "max_task_error":  # the only rule that reads every task's Grams before merging
     partner, norm2 = fidelity.before_merge(
       {g: grp.coef for g, grp in grown.items()}, {g: x for g, (x, _) in new.items()}, start, layout
     )
+    is_new = (np.arange(t_cap) >= t0) & (np.arange(t_cap) < t0 + m)
     fresh = tasks.replace(
       norm=jnp.where(is_new, jnp.sqrt(norm2), tasks.norm),
       error=jnp.where(is_new, 0.0, tasks.error),
@@ -90,25 +101,24 @@ def merge_columns(
     beta = _budget(fresh, norm2, config)
   groups, res, kept = {}, {}, {}
   absorbed = config.explained_of == "absorbed"
+  frame = jnp.asarray(frame, jnp.int32)
   for g, group in grown.items():
     d, _ = layout.groups[g]
     rule = Rule(kind, float(value), config.limit(d), config.center, absorbed)
     x, ncols = new[g]
     k_out = rule.limit if kind == "k" else max(group.capacity[0], min(rule.limit, _MIN_K))
-    merged, want, res[g], kept[g] = call_kernel(
-      merge_group, group, x, ncols, start, partner[g], beta, k_out=k_out, rule=rule
-    )
+    args = (group, x, ncols, start, frame, partner[g], beta)
+    merged, want, res[g], kept[g] = call_kernel(merge_group, *args, k_out=k_out, rule=rule)
     need = int(jnp.max(want))
     if need > k_out:
       k_out = min(rule.limit, bucket(need))
-      merged, _, res[g], kept[g] = call_kernel(
-        merge_group, group, x, ncols, start, partner[g], beta, k_out=k_out, rule=rule
-      )
+      merged, _, res[g], kept[g] = call_kernel(merge_group, *args, k_out=k_out, rule=rule)
     groups[g] = merged
-  loss, before, stored = fidelity.merge_record(kept, res, layout)
-  tasks = tasks.replace(norm=jnp.where(is_new, before, tasks.norm))
-  error = fidelity.next_bound(tasks, loss, stored)
-  tasks = tasks.replace(error=jnp.where(is_new, loss, error))
+  loss, before, _ = fidelity.merge_record(kept, res, layout)
+  tasks = tasks.replace(
+    norm=jax.lax.dynamic_update_slice_in_dim(tasks.norm, before[:m], t0, 0),
+    error=jax.lax.dynamic_update_slice_in_dim(tasks.error, loss[:m], t0, 0),
+  )
   out = subspace.replace(groups=groups, tasks=tasks, config=config)
   fidelity.check_threshold(out)
   return out

@@ -41,6 +41,7 @@ from share_jax._fingerprint import digest, fingerprint, fingerprint_diff
 from share_jax._validation import check_params
 from share_jax._version import __version__
 from share_jax.errors import CheckpointError, ShareError
+from share_jax.fidelity import settle
 from share_jax.paths import flatten_with_paths, nest
 from share_jax.subspace import Subspace
 
@@ -243,6 +244,7 @@ class Checkpointer:
     if base is not None:
       check_params(base, subspace.layout)
       base_fp = fingerprint(base)
+    subspace = settle(subspace)
     arrays = subspace_arrays(subspace)
     _ckpt_dir.check_directory(self.directory)
     with _ckpt_dir.WriterLock(self.directory, self.lock_timeout):

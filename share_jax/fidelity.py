@@ -1,4 +1,4 @@
-"""How much of each task is kept: per-task ΔW error, tracked through every merge.
+"""How much of each task is kept: per-task ΔW error, exact when stored, bounded on read.
 
 Storing a task keeps, per adapted kernel, Â = P_α A and B̂ = P_β B (P: the orthogonal projector
 on a basis), so ΔW = A Bᵀ becomes P_α ΔW P_β: an orthogonal projection of matrices. Its error is
@@ -7,14 +7,16 @@ exact from small Gram matrices, with no cancellation:
     ‖ΔW − ΔŴ‖² = ⟨R_a, F_b⟩ + ⟨F_a, R_b⟩ − ⟨R_a, R_b⟩,
 
 with F = XᵀX the p × p Gram of a side's columns before the projection and R = X⊥ᵀX⊥ that of the
-part the projection drops (``merge_group`` returns R per task and side). A later merge projects
-the stored ΔŴ again; its loss is the same formula, and the triangle inequality adds it to the
-bound. A second bound holds too: with N = ‖ΔW‖, e the previous bound and s = ‖ΔŴ_new‖, Π the
-new projection and ⟨ΔŴ, Π ΔŴ⟩ = s², ‖ΔW − ΔŴ_new‖² = N² − s² − 2⟨ΔW − ΔŴ, ΔŴ_new⟩
-<= N² − s² + 2 e s; it is the tighter one when a merge drops most of what was left. So ``error``
-is exact right after the merge that stored a task and an upper bound (the smaller of the two)
-after every later one, without keeping any original factor. ``norm`` is ‖ΔW‖ when the task was
-stored (``set_task`` stores new coefficients exactly: norm is theirs, error 0).
+part the projection drops (``merge_group`` returns R per new task and side). The task table's
+``error`` is that loss for a task's own merge, and ``norm`` is ‖ΔW‖.
+
+Later merges do not touch stored tasks (coefficients are lazy, ``share_jax.frames``), so their
+loss is measured on read: the stored ΔŴ_f of a task in frame f and the current ΔŴ differ by
+Δ = D_a B_fᵀ + A D_bᵀ per kernel (D = X_f − X per side), whose norm comes exactly from p × p
+Grams (``frames.drift_grams``), and the triangle inequality bounds the error by ``error`` + ‖Δ‖
+(one step per frame, not per merge: never looser than adding every merge's loss). ``settle``
+folds that bound into ``error`` when it moves tasks into the current coordinates.
+``set_task`` stores new coefficients exactly: norm is theirs, error 0.
 """
 
 from __future__ import annotations
@@ -27,8 +29,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from share_jax.merge import mm, task_grams
-from share_jax.subspace import SIDES, FidelityError, FidelityWarning, Layout, Subspace
+from share_jax.frames import current, drift_grams, fresh, relabel, settle_group
+from share_jax.merge import task_grams
+from share_jax.subspace import (
+  SIDES,
+  FidelityError,
+  FidelityWarning,
+  Layout,
+  Subspace,
+  concrete,
+  mm,
+)
 
 _SLACK = 1e-5  # float32 round-off allowed over a threshold (relative error)
 
@@ -80,7 +91,7 @@ def _delta_norm2(full: dict[str, jax.Array], layout: Layout) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("layout",))
 def merge_record(kept: dict, res: dict, layout: Layout) -> tuple[jax.Array, ...]:
-  """Per task (T,), from the Grams of what a merge kept and dropped ({group: (T, L, P, P)}):
+  """Per new task (m,), from the Grams of what a merge kept and dropped ({group: (m, L, P, P)}):
   ‖ΔW − P_α ΔW P_β‖ (the merge's loss), ‖ΔW‖ before it and ‖P_α ΔW P_β‖ after it."""
   # The rotation is orthonormal, so the Gram before is the sum of two PSD parts: no cancelling.
   full = {g: kept[g] + res[g] for g in kept}
@@ -88,34 +99,73 @@ def merge_record(kept: dict, res: dict, layout: Layout) -> tuple[jax.Array, ...]
   for (ga, ra), (gb, rb) in _pairs(layout):
     fa, fb, qa, qb = full[ga][:, ra], full[gb][:, rb], res[ga][:, ra], res[gb][:, rb]
     total = total + _inner(qa, fb) + _inner(fa, qb) - _inner(qa, qb)
-  root = lambda x: jnp.sqrt(jnp.maximum(x, 0.0))  # noqa: E731
-  return root(total), root(_delta_norm2(full, layout)), root(_delta_norm2(kept, layout))
+  return _root(total), _root(_delta_norm2(full, layout)), _root(_delta_norm2(kept, layout))
+
+
+def _root(x: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.maximum(x, 0.0))
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
-def _stored_norms(coefs: dict, layout: Layout) -> jax.Array:
-  return jnp.sqrt(jnp.maximum(_delta_norm2({g: grams(c) for g, c in coefs.items()}, layout), 0.0))
+def _drift(groups: dict, rows: jax.Array, layout: Layout) -> jax.Array:
+  """‖ΔŴ_f − ΔŴ‖ per task row (T,): how far each stored ΔW moved since its frame began."""
+  q = {g: drift_grams(grp, rows) for g, grp in groups.items()}
+  total = 0.0
+  for (ga, ra), (gb, rb) in _pairs(layout):
+    a = {n: x[:, ra] for n, x in q[ga].items()}
+    b = {n: x[:, rb] for n, x in q[gb].items()}
+    cross = _inner(a["dx"], jnp.swapaxes(b["df"], 1, 2))
+    total = total + _inner(a["dd"], b["ff"]) + _inner(a["xx"], b["dd"]) + 2.0 * cross
+  return _root(total)
 
 
-def next_bound(tasks, loss: jax.Array, stored: jax.Array) -> jax.Array:
-  """The error bound (T,) after a merge that moved each stored ΔŴ by ``loss`` (exact) and left
-  it with norm ``stored``: the smaller of the triangle inequality and the expansion above."""
-  n, e = tasks.norm, tasks.error
-  slack = 64 * float(jnp.finfo(jnp.float32).eps) * n**2  # float32 round-off of n² − s²
-  expansion = jnp.sqrt(jnp.maximum(n**2 - stored**2 + 2.0 * e * stored + slack, 0.0))
-  return jnp.minimum(e + loss, expansion)
+def bounds(groups: dict, tasks, layout: Layout, rows: int) -> jax.Array:
+  """The error bound (T,) of every task row now: its ``error`` plus its drift (groups of shapes
+  only, for accounting, have no drift)."""
+  if not concrete(groups):
+    return tasks.error
+  return tasks.error + _drift(groups, jnp.asarray(rows, jnp.int32), layout)
 
 
-def stored_norms(groups: dict, layout: Layout) -> jax.Array:
-  """‖ΔW_stored‖_F per task row (T,), from the coefficients (the bases are orthonormal)."""
-  return _stored_norms({g: grp.coef for g, grp in groups.items()}, layout)
+def settle_groups(groups: dict, tasks, layout: Layout, rows: int):
+  """The groups with every task in current coordinates in frame 0 (``frames.settle_group``) and
+  the error bounds (T,) that then become the task table's ``error``. When one frame that no
+  merge has moved holds every task, nothing moved: it is only relabelled (settling twice changes
+  nothing)."""
+  same = {g: fresh(grp, rows) for g, grp in groups.items()}
+  if all(f is not None for f in same.values()):
+    return {g: relabel(grp, jnp.asarray(same[g])) for g, grp in groups.items()}, tasks.error
+  error = bounds(groups, tasks, layout, rows)
+  rows = jnp.asarray(rows, jnp.int32)
+  return {g: settle_group(grp, rows) for g, grp in groups.items()}, error
+
+
+def settle(subspace: Subspace) -> Subspace:
+  """The same subspace with every task in current coordinates and one open frame."""
+  groups, error = settle_groups(
+    subspace.groups, subspace.tasks, subspace.layout, subspace.num_tasks
+  )
+  return subspace.replace(groups=groups, tasks=subspace.tasks.replace(error=error))
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _stored_norms(groups: dict, rows: jax.Array, layout: Layout) -> jax.Array:
+  full = {g: grams(current(grp, rows)) for g, grp in groups.items()}
+  return _root(_delta_norm2(full, layout))
+
+
+def stored_norms(groups: dict, layout: Layout, rows: int) -> jax.Array:
+  """‖ΔW_stored‖_F of the first ``rows`` task rows (T,), from the coefficients (the bases are
+  orthonormal)."""
+  return _stored_norms(groups, jnp.asarray(rows, jnp.int32), layout)
 
 
 def relative_errors(subspace: Subspace) -> np.ndarray:
-  """Relative error bound of each held task, in row order (host array)."""
+  """Relative error bound of each held task now, in row order (host array)."""
   n = subspace.num_tasks
+  error = bounds(subspace.groups, subspace.tasks, subspace.layout, n)
   norm = np.asarray(subspace.tasks.norm[:n], np.float64)
-  error = np.asarray(subspace.tasks.error[:n], np.float64)
+  error = np.asarray(error[:n], np.float64)
   return np.where(norm > 0, error / np.where(norm > 0, norm, 1.0), 0.0)
 
 

@@ -41,11 +41,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from share_jax.subspace import FactorGroup
+from share_jax.subspace import FactorGroup, mm
 
-HIGHEST = jax.lax.Precision.HIGHEST
 _EPS32 = float(jnp.finfo(jnp.float32).eps)
-_CHUNK = 256  # task rows re-projected per loop step: work follows the tasks held, not capacity
 
 
 class Rule(NamedTuple):
@@ -58,11 +56,6 @@ class Rule(NamedTuple):
   limit: int
   center: bool
   absorbed: bool = False
-
-
-def mm(spec: str, *args: jax.Array) -> jax.Array:
-  """``jnp.einsum`` at full float32 precision (TPU/TF32 defaults would ruin the merge)."""
-  return jnp.einsum(spec, *args, precision=HIGHEST)
 
 
 def svd_flip_columns(u: jax.Array) -> jax.Array:
@@ -195,41 +188,43 @@ def task_grams(w: jax.Array) -> jax.Array:
 
 
 def _task_outputs(w, keep, scale, k_out: int):
-  """For tasks with rotated coordinates w (n, t, P): their new coefficients (k_out, t, P), the
-  kept rows sign-flipped, and the Grams (t, P, P) of what is kept and dropped (sums of PSD terms:
+  """For new tasks with rotated coordinates w (n, m, P): their coefficients (k_out, m, P), the
+  kept rows sign-flipped, and the Grams (m, P, P) of what is kept and dropped (sums of PSD terms:
   no cancelling)."""
   pad = max(k_out - w.shape[0], 0)
   new = scale[:, None, None] * jnp.pad(w, ((0, pad), (0, 0), (0, 0)))[:k_out]
   return new, task_grams(w * keep[:, None, None]), task_grams(w * (1.0 - keep)[:, None, None])
 
 
-def _write_tasks(out, parts, at):
-  """``out`` (coefficients (k_out, T, P), kept and dropped Grams (T, P, P)) with ``parts``, the
-  same three for a block of task rows, written from task row ``at``."""
-  axes = (1, 0, 0)
-  return tuple(
-    jax.lax.dynamic_update_slice_in_dim(o, r, at, ax)
-    for o, r, ax in zip(out, parts, axes, strict=True)
-  )
+def _pad_k(x: jax.Array, axes: tuple[int, ...], k_out: int) -> jax.Array:
+  """``x`` zero-padded to ``k_out`` along ``axes`` (no copy when it is that size)."""
+  pads = [(0, k_out - x.shape[a] if a in axes else 0) for a in range(x.ndim)]
+  return jnp.pad(x, pads) if any(p for _, p in pads) else x
 
 
-def _reproject(coef, v_old, keep, scale, rows, k_out: int):
-  """``_task_outputs`` of every stored task (coef (K, T, P), rotated by v_old (K, n)), one chunk
-  of task rows at a time up to ``rows``; rows after it are empty and stay zero. A last chunk past
-  T is clamped back by dynamic_slice: its overlap is recomputed and written unchanged."""
-  _, t, p = coef.shape
-  chunk = min(t, _CHUNK)
-  out = (jnp.zeros((k_out, t, p)), jnp.zeros((t, p, p)), jnp.zeros((t, p, p)))
-
-  def body(c, out):
-    w = mm("ki,ktp->itp", v_old, jax.lax.dynamic_slice_in_dim(coef, c * chunk, chunk, 1))
-    return _write_tasks(out, _task_outputs(w, keep, scale, k_out), c * chunk)
-
-  return jax.lax.fori_loop(0, (rows + chunk - 1) // chunk, body, out)
-
-
-def _merge_one(basis, scatter, lost, coef, ncols, partner, x, x_ncols, start, beta, *, k_out, rule):
-  """One (kernel, side) slot. basis (d, K), coef (K, T, P), partner (T, P, P), x (m, d, P)."""
+def _merge_one(
+  basis,
+  scatter,
+  lost,
+  coef,
+  coef_sum,
+  maps,
+  frame_basis,
+  ncols,
+  partner,
+  x,
+  x_ncols,
+  start,
+  frame,
+  beta,
+  *,
+  k_out,
+  rule,
+):
+  """One (kernel, side) slot. basis (d, K), coef (Kc, T, P) in frame coordinates (current ones,
+  Kc = K, when the rule is ``max_task_error``: the driver settles first), coef_sum (K,), maps
+  (F, K, Kc), frame_basis (F, d, Kc), partner (T, P, P), x (m, d, P); the new tasks open
+  ``frame``."""
   d, k_in = basis.shape
   m, _, p = x.shape
   cols = jnp.transpose(x, (1, 0, 2)).reshape(d, m * p)
@@ -237,7 +232,7 @@ def _merge_one(basis, scatter, lost, coef, ncols, partner, x, x_ncols, start, be
   q, y = small_space(basis, cols)  # old tasks' coordinates are their coefficients
   n = q.shape[1]
   n_old = jnp.sum(ncols).astype(jnp.float32)
-  f, g = _stack_factors(scatter, jnp.sum(coef, axis=(1, 2)), n_old, y, y_valid, rule.center)
+  f, g = _stack_factors(scatter, coef_sum, n_old, y, y_valid, rule.center)
   v = _rotation(f, g, rule.center)
   # Coordinates in the rotated space (n, ·, P): old tasks' are their coefficients, new ones' Y.
   w_new = mm("ni,nmp->imp", v, y.reshape(n, m, p))
@@ -259,18 +254,24 @@ def _merge_one(basis, scatter, lost, coef, ncols, partner, x, x_ncols, start, be
   flip = svd_flip_columns(new_basis)
   new_basis, v_k = new_basis * flip, v_k * flip
   scale = jnp.pad(keep, (0, pad))[:k_out] * flip
-  new_coef, kept_gram, res = _write_tasks(
-    _reproject(coef, v[:k_in], keep, scale, start + m, k_out),
-    _task_outputs(w_new, keep, scale, k_out),
-    start,
+  # Old coordinates to new ones (k_out, K): composed into every frame's map, not applied to tasks.
+  step = v_k[:k_in].T
+  new_coef, kept_gram, res = _task_outputs(w_new, keep, scale, k_out)
+  kc = max(coef.shape[0], k_out)  # frame coordinates never shrink
+  coef = jax.lax.dynamic_update_slice_in_dim(
+    _pad_k(coef, (0,), kc), _pad_k(new_coef, (0,), kc), start, 1
   )
+  maps = _pad_k(mm("kj,fji->fki", step, maps), (2,), kc).at[frame].set(jnp.eye(k_out, kc))
+  frame_basis = _pad_k(frame_basis, (2,), kc).at[frame].set(_pad_k(new_basis, (1,), kc))
+  coef_sum = mm("kj,j->k", step, coef_sum) + jnp.sum(new_coef, axis=(1, 2))
   proj = mm("nk,nc->ck", v_k, f)  # (c, K): S Sᵀ = projᵀ proj
   proj = jnp.pad(proj, ((0, max(k_out - proj.shape[0], 0)), (0, 0)))
   new_scatter = jnp.linalg.qr(proj, mode="r").T
   total = jnp.sum(kept_g)
   energy = jnp.where(total > 0, jnp.sum(kept_g * keep) / jnp.where(total > 0, total, 1.0), 1.0)
   lost = lost + jnp.sum(energies * (1.0 - keep))  # ‖F‖² = ‖S_new‖² + what this merge drops
-  return new_basis, k_sel, new_coef, new_scatter, energy, lost, want, res, kept_gram
+  out = (new_basis, k_sel, coef, new_scatter, energy, lost, coef_sum, maps, frame_basis)
+  return out, want, res, kept_gram
 
 
 @functools.partial(jax.jit, static_argnames=("k_out", "rule"))
@@ -279,46 +280,57 @@ def merge_group(
   x: jax.Array,
   x_ncols: jax.Array,
   start: jax.Array,
+  frame: jax.Array,
   partner: jax.Array | None,
   beta: jax.Array | None,
   *,
   k_out: int,
   rule: Rule,
 ) -> tuple[FactorGroup, jax.Array, jax.Array, jax.Array]:
-  """Fold new factor columns into a group and re-project every stored task.
+  """Fold new factor columns into a group; stored tasks are not touched (their frames' maps are).
 
   Args:
-    group: bases (L, d, K), coefficients (L, K, T, P) of the tasks already held.
+    group: bases (L, d, K), coefficients (L, K, T, P) of the tasks already held, with frames.
     x: new tasks' factor columns (m, L, d, P), zero-padded; ``x_ncols`` (m, L) their counts.
-    start: task row where the m new tasks go (``start + m <= T``).
+    start: task row where the m new tasks go (``start + m <= T``); ``frame`` the frame they open
+      (no held task's frame is >= it).
     partner: (T, L, P, P) Grams of the other side of each row's kernel, before the merge (new
       tasks in their rows); ``beta`` (T,) each task's squared error budget relative to its ΔW.
-      Only the ``max_task_error`` rule reads them (None otherwise).
+      Only the ``max_task_error`` rule reads them (None otherwise), on a settled group.
     k_out: basis capacity of the result; ``rule``: how many columns are active.
 
   Returns:
     The new group (capacity K = ``k_out``), the k each slot's rule wanted (L,), so a caller can
-    grow the capacity and merge again when it is too small, and per task the Grams
-    (T, L, P, P) of what the merge dropped from its columns and of what it kept.
+    grow the capacity and merge again when it is too small, and per new task the Grams
+    (m, L, P, P) of what the merge dropped from its columns and of what it kept.
   """
   merge = functools.partial(_merge_one, k_out=k_out, rule=rule)
   p_axis = None if partner is None else 1
-  basis, rank, coef, scatter, energy, lost, want, res, kept = jax.vmap(
-    merge, in_axes=(0, 0, 0, 0, 1, p_axis, 1, 1, None, None), out_axes=(0,) * 7 + (1, 1)
-  )(
+  axes = (0,) * 7 + (1, p_axis, 1, 1, None, None, None)
+  out, want, res, kept = jax.vmap(merge, in_axes=axes, out_axes=(0, 0, 1, 1))(
     group.basis,
     group.scatter,
     group.lost,
     group.coef,
+    group.coef_sum,
+    group.maps,
+    group.frame_basis,
     group.ncols,
     partner,
     x.astype(jnp.float32),
     x_ncols,
     start,
+    frame,
     beta,
   )
+  basis, rank, coef, scatter, energy, lost, coef_sum, maps, frame_basis = out
+  m = x.shape[0]
   ncols = jax.lax.dynamic_update_slice_in_dim(group.ncols, x_ncols.astype(jnp.int32), start, axis=0)
-  return FactorGroup(basis, rank, coef, ncols, scatter, energy, lost), want, res, kept
+  frames = jax.lax.dynamic_update_slice_in_dim(group.frame, jnp.full((m,), frame), start, axis=0)
+  merged = FactorGroup(
+    basis, rank, coef, ncols, scatter, energy, lost, frames, maps, frame_basis, coef_sum
+  )
+  return merged, want, res, kept
 
 
 @functools.partial(jax.jit, static_argnames=("center",))

@@ -33,22 +33,17 @@ def task_indices(subspace: Subspace, task_ids: Sequence[Hashable]) -> jax.Array:
 
 
 def low_rank_term(
-  x: jax.Array,
-  alpha: jax.Array | None,
-  coef_a: jax.Array,
-  beta: jax.Array,
-  coef_b: jax.Array,
-  tasks: jax.Array,
+  x: jax.Array, alpha: jax.Array | None, coef_a: jax.Array, beta: jax.Array, coef_b: jax.Array
 ) -> jax.Array:
-  """(((x α) ε_α[t]) ε_β[t]ᵀ) βᵀ for each example's task t.
+  """(((x α) ε_α[b]) ε_β[b]ᵀ) βᵀ with each example b's own coefficients.
 
-  x (B, ..., d_in); α (d_in, K_a), ε_α (K_a, T, P); β (d_out, K_b), ε_β (K_b, T, P);
-  tasks (B,) → (B, ..., d_out). ``alpha=None``: x is already x α (B, ..., K_a).
+  x (B, ..., d_in); α (d_in, K_a), ε_α (K_a, B, P); β (d_out, K_b), ε_β (K_b, B, P)
+  → (B, ..., d_out). ``alpha=None``: x is already x α (B, ..., K_a).
   """
   dtype = x.dtype
   z = x if alpha is None else x @ alpha.astype(dtype)  # shared GEMM (B, ..., K_a)
-  u = jnp.einsum("b...k,kbp->b...p", z, coef_a[:, tasks].astype(dtype))
-  w = jnp.einsum("b...p,jbp->b...j", u, coef_b[:, tasks].astype(dtype))
+  u = jnp.einsum("b...k,kbp->b...p", z, coef_a.astype(dtype))
+  w = jnp.einsum("b...p,jbp->b...j", u, coef_b.astype(dtype))
   return w @ beta.T.astype(dtype)  # shared GEMM (B, ..., d_out)
 
 
@@ -114,7 +109,7 @@ def mixed_tasks(subspace: Subspace, tasks: jax.Array, *, prefix: str = "params/"
       raise ShareError(
         f"{key!r}: the module maps {x.shape} -> {out.shape}, not the last axis {spec.shape}"
       )
-    term = low_rank_term(x, alpha, ga.coef[ra], gb.basis[rb], gb.coef[rb], tasks)
+    term = low_rank_term(x, alpha, ga.rows(ra, tasks), gb.basis[rb], gb.rows(rb, tasks))
     return out + term.astype(out.dtype)
 
   with nn.intercept_methods(intercept):

@@ -41,7 +41,10 @@ def make_mesh(
 
 def layer_specs(axis: str | None) -> FactorGroup:
   """Partition specs of a group with its layer axis L on mesh ``axis`` (None: replicated)."""
-  return FactorGroup(P(axis), P(axis), P(axis), P(None, axis), P(axis), P(axis), P(axis))
+  layer = P(axis)
+  return FactorGroup(
+    layer, layer, layer, P(None, axis), layer, layer, layer, P(None), layer, layer, layer
+  )
 
 
 def shard_subspace(subspace: Subspace, mesh: Mesh, axis: str = "data") -> Subspace:

@@ -6,9 +6,9 @@ into one ``FactorGroup`` so that one vmapped decomposition serves them all.
 Shapes are capacity buffers:
 
 - ``basis``: (L, d, K) orthonormal columns, the first ``rank[l]`` active, the rest zero;
-- ``coef``:  (L, K, T, P) coefficients of every task, task-minor so that a merge rotates every
-  slot's (K, T·P) block with one GEMM (rows beyond ``rank``, columns beyond ``ncols`` and tasks
-  beyond the registry are zero);
+- ``coef``:  (L, K, T, P) coefficients of every task in its frame's coordinates (``FactorGroup``:
+  a merge composes small per-frame maps instead of re-projecting every task; rows beyond
+  ``rank``, columns beyond ``ncols`` and tasks beyond the registry are zero);
 - ``ncols``: (T, L) the number of factor columns (the LoRA rank or pseudo-rank p) of each task;
 - ``scatter``: (L, K, K) a factor S with S Sᵀ = the scatter of all stored coefficient columns
   (about their mean when the config centres), so a merge never re-decomposes the task stack;
@@ -18,7 +18,8 @@ Shapes are capacity buffers:
   ‖S‖² + lost is the scatter of all columns as they were absorbed (``fidelity.explained``).
 
 Per task, a ``TaskTable`` holds the interned id, ‖ΔW‖_F of the adapter the task came from and an
-upper bound of the error ‖ΔW − ΔW_stored‖_F (see ``share_jax.fidelity``).
+upper bound of the error ‖ΔW − ΔW_stored‖_F when its frame began (``share_jax.fidelity`` adds
+what later merges moved on read).
 
 K, T and P grow in power-of-two buckets, so adding the 2nd or the 200th task reuses compiled code.
 Nothing that changes per task lives in the pytree's static data: ids are arrays (interned codes),
@@ -213,25 +214,94 @@ class FidelityError(ShareError):
   """As ``FidelityWarning``, raised instead when the config is ``strict``."""
 
 
+FRAMES = 8  # frame slots per group: a merge opens one, every FRAMES - 1 merges they are settled
+RUNTIME = ("frame", "maps", "frame_basis", "coef_sum")  # FactorGroup fields not checkpointed
+
+
 @flax.struct.dataclass
 class FactorGroup:
+  """One group's bases and coefficients; see the module doc for the stored fields.
+
+  Coefficients are lazy: a merge rotates the bases but not the stored tasks. Each task row
+  belongs to a *frame* (the merge that stored it, or the last settle), and ``coef`` holds it in
+  that frame's coordinates; ``maps[:, f]`` (K × K) takes frame f's coordinates to the current
+  ones, so a merge updates F small maps instead of T tasks. ``frame_basis[:, f]`` is the basis
+  frame f began with (per-task errors are measured against it on read, ``share_jax.fidelity``)
+  and ``coef_sum`` the sum of every stored column in current coordinates (the mean a merge
+  centres on). Frame coordinates have Kc rows, the largest K so far (a merge to a smaller k,
+  e.g. ``compress``, leaves stored tasks as they are). Frames are non-decreasing over task rows.
+  ``share_jax.settle`` folds every task into the current coordinates (frame 0). The frame fields
+  default to None and are filled by ``Subspace.create``.
+  """
+
   basis: jax.Array  # (L, d, K)
   rank: jax.Array  # (L,) int32
-  coef: jax.Array  # (L, K, T, P)
+  coef: jax.Array  # (L, Kc, T, P), each task in its frame's coordinates (Kc >= every K so far)
   ncols: jax.Array  # (T, L) int32
   scatter: jax.Array  # (L, K, K)
   energy: jax.Array  # (L,)
   lost: jax.Array  # (L,)
+  frame: Any = None  # (T,) int32
+  maps: Any = None  # (L, F, K, Kc)
+  frame_basis: Any = None  # (L, F, d, Kc)
+  coef_sum: Any = None  # (L, K)
 
   @property
   def capacity(self) -> tuple[int, int, int]:
-    """(K, T, P)."""
-    _, k, t, p = self.coef.shape
-    return k, t, p
+    """(K, T, P): basis columns, task rows, columns per task."""
+    _, _, t, p = self.coef.shape
+    return self.basis.shape[2], t, p
 
   def task(self, index) -> jax.Array:
-    """One task's coefficients (L, K, P) (``index`` an int or a traced scalar)."""
-    return self.coef[:, :, index]
+    """One task's coefficients (L, K, P) in current coordinates (``index`` an int or a traced
+    scalar)."""
+    return mm("lkj,ljp->lkp", self.maps[:, self.frame[index]], self.coef[:, :, index])
+
+  def rows(self, row: int, tasks: jax.Array) -> jax.Array:
+    """Slot ``row``'s coefficients of the tasks at rows ``tasks`` (B,), current: (K, B, P)."""
+    maps = self.maps[row, self.frame[tasks]]
+    return mm("bkj,jbp->kbp", maps, self.coef[row][:, tasks])
+
+  def settled(self) -> FactorGroup:
+    """With every frame field set for coefficients already in current coordinates (frame 0):
+    one open frame whose basis is the current one."""
+    n, d, k = self.basis.shape
+    _, t, _ = self.capacity
+    if not concrete({"": self}):  # shapes only (accounting)
+      return self.replace(
+        frame=jax.ShapeDtypeStruct((t,), jnp.int32),
+        maps=jax.ShapeDtypeStruct((n, FRAMES, k, k), jnp.float32),
+        frame_basis=jax.ShapeDtypeStruct((n, FRAMES, d, k), jnp.float32),
+        coef_sum=jax.ShapeDtypeStruct((n, k), jnp.float32),
+      )
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=jnp.float32), (n, k, k))
+    return self.replace(
+      frame=jnp.zeros((t,), jnp.int32),
+      maps=first_frame(eye),
+      frame_basis=first_frame(self.basis),
+      coef_sum=jnp.sum(jnp.asarray(self.coef, jnp.float32), axis=(2, 3)),
+    )
+
+  def stored(self) -> FactorGroup:
+    """Without the frame fields (for a checkpoint of a settled group)."""
+    return self.replace(**dict.fromkeys(RUNTIME))
+
+
+def first_frame(x: jax.Array) -> jax.Array:
+  """(L, ...) → (L, FRAMES, ...) with ``x`` as frame 0 and zeros after it (a pad, so that a
+  sharded x keeps its layer sharding)."""
+  x = jnp.asarray(x, jnp.float32)[:, None]
+  return jnp.pad(x, [(0, 0), (0, FRAMES - 1)] + [(0, 0)] * (x.ndim - 2))
+
+
+def concrete(groups: dict) -> bool:
+  """Whether the groups hold arrays (not ``jax.ShapeDtypeStruct`` shapes for accounting)."""
+  return all(isinstance(grp.coef, jax.Array | np.ndarray) for grp in groups.values())
+
+
+def mm(spec: str, *args: jax.Array) -> jax.Array:
+  """``jnp.einsum`` at full float32 precision (TPU/TF32 defaults would ruin the merge)."""
+  return jnp.einsum(spec, *args, precision=jax.lax.Precision.HIGHEST)
 
 
 # ----------------------------------------------------------------------------- task ids as arrays
@@ -323,6 +393,7 @@ class Subspace:
     from share_jax.fidelity import stored_norms  # fidelity builds on this module
 
     heads = heads or {}
+    groups = {g: grp if grp.frame is not None else grp.settled() for g, grp in groups.items()}
     unknown = [t for t in heads if t not in task_ids]
     if unknown:
       raise UnknownTaskError(f"heads for unknown task ids {unknown}")
@@ -330,9 +401,8 @@ class Subspace:
     table = TaskTable.empty(capacity)
     rows = np.asarray([id_code(t) for t in task_ids], np.int32).reshape(-1, 2)
     code = table.code.at[: len(task_ids)].set(rows)
-    concrete = all(isinstance(grp.coef, jax.Array | np.ndarray) for grp in groups.values())
-    if norm is None and task_ids and concrete:
-      norm = stored_norms(groups, layout) * (np.arange(capacity) < len(task_ids))
+    if norm is None and task_ids and concrete(groups):
+      norm = stored_norms(groups, layout, len(task_ids))
     if norm is None:
       norm = jnp.zeros((capacity,), jnp.float32)
     if error is None:

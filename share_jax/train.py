@@ -34,7 +34,7 @@ from share_jax._driver import merge_columns
 from share_jax._validation import check_new_task_ids, check_params
 from share_jax.apply import apply_factors
 from share_jax.errors import ShareError
-from share_jax.fidelity import stored_norms
+from share_jax.fidelity import settle, stored_norms
 from share_jax.lora import add_deltas
 from share_jax.merge import mm, scatter_factor, side_factors
 from share_jax.paths import flatten_with_paths
@@ -373,6 +373,7 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
       f"task {task_id!r}: the state was read on bases that a later merge replaced, so its "
       "coefficients mean something else now; read it again with task_state"
     )
+  subspace = settle(subspace)  # every task in current coordinates: row i is written as is
   groups = {}
   for g, grp in subspace.groups.items():
     if trainable.temp[g].shape[-1]:
@@ -385,8 +386,9 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
       )
     coef = _write(grp.coef, jnp.asarray(i, jnp.int32), trainable.coef[g].astype(jnp.float32))
     scatter = scatter_factor(coef, grp.ncols, center=subspace.config.center)
-    groups[g] = grp.replace(coef=coef, scatter=scatter)
-  norm = stored_norms(groups, subspace.layout)[i]  # stored exactly: the new original, error 0
+    groups[g] = grp.replace(coef=coef, scatter=scatter, coef_sum=jnp.sum(coef, axis=(2, 3)))
+  # Stored exactly: the new original, error 0.
+  norm = stored_norms(groups, subspace.layout, subspace.num_tasks)[i]
   tasks = subspace.tasks.replace(
     norm=subspace.tasks.norm.at[i].set(norm), error=subspace.tasks.error.at[i].set(0.0)
   )

@@ -18,7 +18,8 @@ from numpy_reference import (
 
 import share_jax as sj
 from share_jax import _driver, apply, merge
-from share_jax.subspace import SIDES
+from share_jax import frames as frames_mod
+from share_jax.subspace import FRAMES, SIDES
 
 
 def stack(loras, path, side):
@@ -128,27 +129,56 @@ def test_signs_are_deterministic_and_follow_svd_flip():
       assert np.all(cols[np.abs(cols).argmax(axis=0), np.arange(cols.shape[1])] > 0)
 
 
-@pytest.mark.parametrize("rows, k_out", [(7, 6), (10, 9)])
-def test_reprojection_in_chunks_equals_one_pass(monkeypatch, rows, k_out):
-  """Re-projection loops over chunks of task rows up to the last held one (the last chunk clamped
-  back when it would run past capacity): new coefficients and kept / dropped Grams equal a float64
-  one-pass reference; rows after the held ones stay zero."""
-  monkeypatch.setattr(merge, "_CHUNK", 4)
+@pytest.mark.parametrize("rows, frames", [(7, [0, 0, 1, 1, 1, 3, 3]), (10, [0] * 5 + [2] * 5)])
+def test_frames_are_read_in_chunks_like_one_pass(monkeypatch, rows, frames):
+  """Lazy coefficients are read one frame's run of rows at a time, in chunks (the last one
+  clamped back when it would run past capacity): current coefficients and the drift Grams equal
+  a float64 per-task reference (X_f = β_f c, X = β M c, D = X_f − X); rows after the held ones
+  stay zero."""
+  monkeypatch.setattr(frames_mod, "_CHUNK", 4)
   rng = np.random.default_rng(rows)
-  k, t, p, n = 5, 10, 3, 7
-  coef = rng.standard_normal((k, t, p))
-  coef[:, rows:] = 0.0
-  v = np.linalg.qr(rng.standard_normal((n, n)))[0][:k]
-  keep = (np.arange(n) < 4).astype(float)
-  scale = np.pad(keep, (0, max(k_out - n, 0)))[:k_out] * rng.choice([-1.0, 1.0], k_out)
+  n, d, k, kc, t, p = 2, 9, 3, 4, 10, 2
+  orth = lambda *s: np.linalg.qr(rng.standard_normal(s))[0]  # noqa: E731
+  basis = np.stack([orth(d, k) for _ in range(n)])
+  frame_basis = np.stack([np.stack([orth(d, kc) for _ in range(FRAMES)]) for _ in range(n)])
+  maps = rng.standard_normal((n, FRAMES, k, kc))
+  coef = rng.standard_normal((n, kc, t, p))
+  coef[:, :, rows:] = 0.0
+  frame = np.zeros(t, np.int32)
+  frame[:rows] = frames
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-  got = merge._reproject(f32(coef), f32(v), f32(keep), f32(scale), jnp.asarray(rows), k_out)
-  w = np.einsum("ki,ktp->itp", v, coef)
-  new = scale[:, None, None] * np.pad(w, ((0, max(k_out - n, 0)), (0, 0), (0, 0)))[:k_out]
-  kept = np.einsum("i,itp,itq->tpq", keep, w, w)
-  dropped = np.einsum("i,itp,itq->tpq", 1.0 - keep, w, w)
-  for g, ref in zip(got, (new, kept, dropped), strict=True):
-    np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-5, atol=1e-5)
+  group = sj.FactorGroup(
+    f32(basis),
+    jnp.full((n,), k),
+    f32(coef),
+    jnp.ones((t, n), jnp.int32),
+    f32(np.eye(k)[None]),
+    f32(np.ones(n)),
+    f32(np.zeros(n)),
+    jnp.asarray(frame),
+    f32(maps),
+    f32(frame_basis),
+    f32(np.zeros((n, k))),
+  )
+  held = jnp.asarray(rows, jnp.int32)
+  now = np.einsum("ltkj,ljtp->lktp", maps[:, frame], coef)
+  np.testing.assert_allclose(np.asarray(frames_mod.current(group, held)), now, atol=1e-5)
+  cells = [(s, i) for s in range(n) for i in range(t)]
+  x_f = np.stack([frame_basis[s, frame[i]] @ coef[s, :, i] for s, i in cells])
+  x = np.stack([basis[s] @ maps[s, frame[i]] @ coef[s, :, i] for s, i in cells])
+  drift = x_f - x
+  pairs = {
+    "dd": (drift, drift),
+    "xx": (x, x),
+    "dx": (drift, x),
+    "ff": (x_f, x_f),
+    "df": (drift, x_f),
+  }
+  got = frames_mod.drift_grams(group, held)
+  for name, (a, b) in pairs.items():
+    want = np.einsum("idp,idq->ipq", a, b).reshape(n, t, p, p).swapaxes(0, 1)
+    want[rows:] = 0.0
+    np.testing.assert_allclose(np.asarray(got[name]), want, atol=2e-5, err_msg=name)
 
 
 @pytest.mark.parametrize(
@@ -187,7 +217,8 @@ def test_stored_scatter_matches_the_coefficients(center):
   sub = sj.absorb(sub, pl.loras(3, rank=2), task_ids=["a", "b", "c"])
   for grp in sub.groups.values():
     s = np.asarray(grp.scatter, np.float64)
-    want = np.asarray(merge.scatter_factor(grp.coef, grp.ncols, center=center), np.float64)
+    coef = frames_mod.current(grp, sub.num_tasks)
+    want = np.asarray(merge.scatter_factor(coef, grp.ncols, center=center), np.float64)
     for row in range(s.shape[0]):
       got_gram, want_gram = s[row] @ s[row].T, want[row] @ want[row].T
       np.testing.assert_allclose(got_gram, want_gram, atol=1e-4 * np.abs(want_gram).max())
