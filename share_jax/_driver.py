@@ -45,6 +45,17 @@ def _grow(group: FactorGroup, t_cap: int, p_cap: int) -> FactorGroup:
   )
 
 
+def _open_frame(merged: FactorGroup, bases: tuple, frame: int) -> FactorGroup:
+  """The merged group with the frame bases it had before (``bases``, references: a merge copies
+  none) and its new basis as frame ``frame``'s, all padded to the frame coordinates' width Kc
+  when the merge widened them."""
+  kc = merged.coef.shape[1]
+  pad = lambda b: jnp.pad(b, ((0, 0), (0, 0), (0, kc - b.shape[2]))) if b.shape[2] < kc else b  # noqa: E731
+  bases = [pad(b) for b in bases]
+  bases[frame] = pad(merged.basis)
+  return merged.replace(frame_basis=tuple(bases))
+
+
 def _budget(tasks: TaskTable, norm2: jnp.ndarray, config: SubspaceConfig) -> jnp.ndarray:
   """Each task's squared error budget for this merge, relative to its current ‖ΔW‖² (T,), under
   the ``max_task_error`` rule."""
@@ -101,19 +112,20 @@ def merge_columns(
     beta = _budget(fresh, norm2, config)
   groups, res, kept = {}, {}, {}
   absorbed = config.explained_of == "absorbed"
-  frame = jnp.asarray(frame, jnp.int32)
   for g, group in grown.items():
     d, _ = layout.groups[g]
     rule = Rule(kind, float(value), config.limit(d), config.center, absorbed)
     x, ncols = new[g]
     k_out = rule.limit if kind == "k" else max(group.capacity[0], min(rule.limit, _MIN_K))
-    args = (group, x, ncols, start, frame, partner[g], beta)
+    # The merge does not read the frame bases: they stay out of the call (no copy of them).
+    args = (group.replace(frame_basis=None), x, ncols, start, jnp.asarray(frame, jnp.int32))
+    args += (partner[g], beta)
     merged, want, res[g], kept[g] = call_kernel(merge_group, *args, k_out=k_out, rule=rule)
     need = int(jnp.max(want))
     if need > k_out:
       k_out = min(rule.limit, bucket(need))
       merged, _, res[g], kept[g] = call_kernel(merge_group, *args, k_out=k_out, rule=rule)
-    groups[g] = merged
+    groups[g] = _open_frame(merged, group.frame_basis, frame)
   loss, before, _ = fidelity.merge_record(kept, res, layout)
   tasks = tasks.replace(
     norm=jax.lax.dynamic_update_slice_in_dim(tasks.norm, before[:m], t0, 0),

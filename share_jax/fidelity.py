@@ -106,17 +106,21 @@ def _root(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.maximum(x, 0.0))
 
 
-@functools.partial(jax.jit, static_argnames=("layout",))
-def _drift(groups: dict, rows: jax.Array, layout: Layout) -> jax.Array:
-  """‖ΔŴ_f − ΔŴ‖ per task row (T,): how far each stored ΔW moved since its frame began."""
-  q = {g: drift_grams(grp, rows) for g, grp in groups.items()}
+@functools.partial(jax.jit, static_argnames=("layout", "with_current"))
+def _drift(groups: dict, rows: jax.Array, layout: Layout, with_current: bool = False):
+  """‖ΔŴ_f − ΔŴ‖ per task row (T,): how far each stored ΔW moved since its frame began; with
+  ``with_current`` also every group's current coefficients {group: (L, K, T, P)}."""
+  q = {g: drift_grams(grp, rows, with_current) for g, grp in groups.items()}
   total = 0.0
   for (ga, ra), (gb, rb) in _pairs(layout):
-    a = {n: x[:, ra] for n, x in q[ga].items()}
-    b = {n: x[:, rb] for n, x in q[gb].items()}
-    cross = _inner(a["dx"], jnp.swapaxes(b["df"], 1, 2))
-    total = total + _inner(a["dd"], b["ff"]) + _inner(a["xx"], b["dd"]) + 2.0 * cross
-  return _root(total)
+    a = {n: x[ra] for n, x in q[ga].items()}
+    b = {n: x[rb] for n, x in q[gb].items()}
+    # Δ = D_a B_fᵀ + A D_bᵀ, with B_f = D_b + B: B_fᵀB_f = dd + dx + dxᵀ + xx, D_bᵀB_f = dd + dx.
+    ff_b = b["dd"] + b["dx"] + jnp.swapaxes(b["dx"], 1, 2) + b["xx"]
+    df_b = b["dd"] + b["dx"]
+    cross = _inner(a["dx"], jnp.swapaxes(df_b, 1, 2))
+    total = total + _inner(a["dd"], ff_b) + _inner(a["xx"], b["dd"]) + 2.0 * cross
+  return _root(total), {g: x.get("coef") for g, x in q.items()}
 
 
 def bounds(groups: dict, tasks, layout: Layout, rows: int) -> jax.Array:
@@ -124,20 +128,19 @@ def bounds(groups: dict, tasks, layout: Layout, rows: int) -> jax.Array:
   only, for accounting, have no drift)."""
   if not concrete(groups):
     return tasks.error
-  return tasks.error + _drift(groups, jnp.asarray(rows, jnp.int32), layout)
+  return tasks.error + _drift(groups, jnp.asarray(rows, jnp.int32), layout)[0]
 
 
 def settle_groups(groups: dict, tasks, layout: Layout, rows: int):
-  """The groups with every task in current coordinates in frame 0 (``frames.settle_group``) and
-  the error bounds (T,) that then become the task table's ``error``. When one frame that no
-  merge has moved holds every task, nothing moved: it is only relabelled (settling twice changes
-  nothing)."""
+  """The groups with every task in current coordinates in frame 0 and the error bounds (T,)
+  that then become the task table's ``error``. When one frame that no merge has moved holds
+  every task, nothing moved: it is only relabelled (settling twice changes nothing)."""
   same = {g: fresh(grp, rows) for g, grp in groups.items()}
   if all(f is not None for f in same.values()):
-    return {g: relabel(grp, jnp.asarray(same[g])) for g, grp in groups.items()}, tasks.error
-  error = bounds(groups, tasks, layout, rows)
-  rows = jnp.asarray(rows, jnp.int32)
-  return {g: settle_group(grp, rows) for g, grp in groups.items()}, error
+    return {g: relabel(grp, same[g]) for g, grp in groups.items()}, tasks.error
+  drift, coefs = _drift(groups, jnp.asarray(rows, jnp.int32), layout, with_current=True)
+  settled = {g: settle_group(grp, coefs[g]) for g, grp in groups.items()}
+  return settled, tasks.error + drift
 
 
 def settle(subspace: Subspace) -> Subspace:

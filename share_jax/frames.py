@@ -14,6 +14,7 @@ on read: how far the stored ΔŴ moved since its frame began (``share_jax.fideli
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -25,9 +26,9 @@ from share_jax.subspace import FRAMES, FactorGroup, first_frame, mm
 _CHUNK = 256  # task rows per step
 
 
-def over_frames(fn: Callable, group: FactorGroup, rows: jax.Array, out):
-  """``out`` (a pytree of arrays with task axis 0) with rows 0…``rows`` − 1 replaced by
-  ``fn(f, block)``, block the coefficients (L, K, c, P) of a chunk of c rows of frame f; rows
+def over_frames(fn: Callable, group: FactorGroup, rows: jax.Array, out: dict, axes: dict):
+  """``out`` ({name: array}) with task rows 0…``rows`` − 1 (along ``axes[name]``) replaced by
+  ``fn(f, block)``, block the coefficients (L, Kc, c, P) of a chunk of c rows of frame f; rows
   after ``rows`` keep ``out``'s values. A chunk past T is clamped back and masked."""
   _, _, t, _ = group.coef.shape
   chunk = min(t, _CHUNK)
@@ -44,16 +45,22 @@ def over_frames(fn: Callable, group: FactorGroup, rows: jax.Array, out):
       mask = (r >= first) & (r < jnp.minimum(first + chunk, hi))
       new = fn(f, jax.lax.dynamic_slice_in_dim(group.coef, at, chunk, 2))
 
-      def put(o, n):
-        old = jax.lax.dynamic_slice_in_dim(o, at, chunk, 0)
-        keep = mask.reshape((chunk,) + (1,) * (o.ndim - 1))
-        return jax.lax.dynamic_update_slice_in_dim(o, jnp.where(keep, n, old), at, 0)
+      def put(name):
+        o, ax = out[name], axes[name]
+        old = jax.lax.dynamic_slice_in_dim(o, at, chunk, ax)
+        keep = mask.reshape([chunk if i == ax else 1 for i in range(o.ndim)])
+        return jax.lax.dynamic_update_slice_in_dim(o, jnp.where(keep, new[name], old), at, ax)
 
-      return jax.tree.map(put, out, new)
+      return {name: put(name) for name in out}
 
     return jax.lax.fori_loop(0, (hi - lo + chunk - 1) // chunk, chunk_body, out)
 
   return jax.lax.fori_loop(0, FRAMES, frame_body, out)
+
+
+def _current_zeros(group: FactorGroup) -> jax.Array:
+  n, _, t, p = group.coef.shape
+  return jnp.zeros((n, group.basis.shape[2], t, p))
 
 
 @jax.jit
@@ -62,27 +69,24 @@ def current(group: FactorGroup, rows: jax.Array) -> jax.Array:
   basis capacity (rows after them zero)."""
 
   def fn(f, block):
-    return mm("lkj,ljtp->tlkp", group.maps[:, f], block)
+    return {"coef": mm("lkj,ljtp->lktp", group.maps[:, f], block)}
 
-  n, _, t, p = group.coef.shape
-  out = jnp.zeros((t, n, group.basis.shape[2], p))
-  return jnp.moveaxis(over_frames(fn, group, rows, out), 0, 2)
+  return over_frames(fn, group, rows, {"coef": _current_zeros(group)}, {"coef": 2})["coef"]
 
 
 @jax.jit
-def settle_group(group: FactorGroup, rows: jax.Array) -> FactorGroup:
-  """The group with every task in current coordinates and one open frame (0)."""
-  return group.replace(coef=current(group, rows)).settled()
+def settle_group(group: FactorGroup, coef: jax.Array) -> FactorGroup:
+  """The group with its tasks' current coefficients ``coef`` (L, K, T, P) and one open frame."""
+  return group.replace(coef=coef).settled()
 
 
-@jax.jit
-def relabel(group: FactorGroup, f: jax.Array) -> FactorGroup:
+def relabel(group: FactorGroup, f: int) -> FactorGroup:
   """The group with frame ``f``, which holds every task and which no merge has moved, as frame 0:
   settled without arithmetic."""
   return group.replace(
     frame=jnp.zeros_like(group.frame),
     maps=first_frame(group.maps[:, f]),
-    frame_basis=first_frame(group.frame_basis[:, f]),
+    frame_basis=(group.frame_basis[f],) * FRAMES,
   )
 
 
@@ -93,49 +97,62 @@ def fresh(group: FactorGroup, rows: int) -> int | None:
   f = int(held.max(initial=0))
   if held.size and held.min() != f or group.coef.shape[1] != group.basis.shape[2]:
     return None
-  return f if bool(_unmoved(group, jnp.asarray(f))) else None
-
-
-@jax.jit
-def _unmoved(group: FactorGroup, f: jax.Array) -> jax.Array:
-  eye = jnp.eye(group.basis.shape[2])
-  same_basis = jnp.array_equal(group.frame_basis[:, f], group.basis)
-  return jnp.all(group.maps[:, f] == eye) & same_basis
+  fb = group.frame_basis[f]
+  same = fb is group.basis or bool(jnp.array_equal(fb, group.basis))
+  return f if same and bool(jnp.all(group.maps[:, f] == jnp.eye(fb.shape[2]))) else None
 
 
 def _grams(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Per task and slot, xᵀy over K: (L, K, c, P) twice → (c, L, P, Q), as a broadcast product
-  reduced over K (XLA CPU fuses it; tiny batched dots are several times slower)."""
-  return jnp.sum(x[..., :, None] * y[..., None, :], axis=1).swapaxes(0, 1)
+  """Per slot and task, xᵀy over the coordinates: (L, n, c, P), (L, n, c, Q) → (L, c, P, Q), as a
+  broadcast product reduced over them (XLA CPU fuses it; tiny batched dots are several times
+  slower)."""
+  return jnp.sum(x[..., :, None] * y[..., None, :], axis=1)
 
 
-@jax.jit
-def drift_grams(group: FactorGroup, rows: jax.Array) -> dict[str, jax.Array]:
-  """Per task row and slot, the p × p Grams (T, L, P, P) that give ‖ΔŴ_f − ΔŴ‖ of a kernel from
-  its two sides (``fidelity``): for a side with columns X_f = β_f c in its frame's basis β_f and
-  X = β M c now (M the frame's map), the drift D = X_f − X = β (W − M) c + R c with
-  W = βᵀβ_f and R = β_f − β W ⟂ β. ``dd`` DᵀD, ``xx`` XᵀX, ``dx`` DᵀX, ``ff`` X_fᵀX_f and
-  ``df`` DᵀX_f, all from K × K products (no d-sized work per task, no cancellation of large
-  terms)."""
-  w = mm("ldk,lfdj->lfkj", group.basis, group.frame_basis)  # (L, F, K, K)
-  r = group.frame_basis - mm("ldk,lfkj->lfdj", group.basis, w)
-  g = mm("lfdk,lfdj->lfkj", r, r)
-  e = w - group.maps
+def _drift_maps(group: FactorGroup, top: jax.Array) -> jax.Array:
+  """Per frame f < ``top``, [W_f − M_f; T_f] ((K + Kc) × Kc per slot), with W_f = βᵀβ_f, M_f the
+  frame's map and R_f = β_f − β W_f = Q_f T_f (thin QR, Q_f ⟂ β): a column β_f c of frame f is
+  [β, Q_f] [W_f; T_f] c, and it is β M_f c now, so its drift has coordinates [W_f − M_f; T_f] c
+  in the orthonormal [β, Q_f]. (L, F, K + Kc, Kc), zeros from ``top`` on (a loop up to it, so
+  frames after the newest cost nothing; a conditional per frame would let XLA hoist the work)."""
+  n, _, k = group.basis.shape
+  kc = group.coef.shape[1]
+  pick = [lambda *bases, f=f: bases[f] for f in range(FRAMES)]
+
+  def body(f, out):
+    fb = jax.lax.switch(f, pick, *group.frame_basis)
+    w = mm("ldk,ldj->lkj", group.basis, fb)
+    t = jnp.linalg.qr(fb - mm("ldk,lkj->ldj", group.basis, w), mode="r")
+    return out.at[:, f].set(jnp.concatenate([w - group.maps[:, f], t], axis=1))
+
+  return jax.lax.fori_loop(0, top, body, jnp.zeros((n, FRAMES, k + kc, kc)))
+
+
+@functools.partial(jax.jit, static_argnames=("with_current",))
+def drift_grams(group: FactorGroup, rows: jax.Array, with_current: bool = False) -> dict:
+  """Per slot and task row, the p × p Grams (L, T, P, P) that give ‖ΔŴ_f − ΔŴ‖ of a kernel from
+  its two sides (``fidelity``). A side's columns were X_f = β_f c when its frame began and are
+  X = β M c now (M the frame's map); the drift D = X_f − X has coordinates
+  [W − M; T] c (``_drift_maps``), X has M c: ``dd`` DᵀD, ``xx`` XᵀX and ``dx`` DᵀX, from
+  (K + Kc) × Kc products per task (no d-sized work per task; D is formed directly, so no large
+  terms cancel). ``with_current``: also ``coef``, the current coefficients (L, K, T, P), from
+  the same pass (``settle``)."""
+  held = jnp.arange(group.frame.shape[0]) < rows
+  s = _drift_maps(group, jnp.max(jnp.where(held, group.frame + 1, 0)))
+  k = group.basis.shape[2]
 
   def fn(f, c):
-    u, x, rc, wc = (mm("lkj,ljtp->lktp", a[:, f], c) for a in (e, group.maps, g, w))
-    crc = _grams(c, rc)
-    return {
-      "dd": _grams(u, u) + crc,
-      "xx": _grams(x, x),
-      "dx": _grams(u, x),
-      "ff": _grams(c, c),
-      "df": _grams(u, wc) + crc,
-    }
+    x = mm("lkj,ljtp->lktp", group.maps[:, f], c)
+    d = mm("lkj,ljtp->lktp", s[:, f], c)
+    out = {"dd": _grams(d, d), "xx": _grams(x, x), "dx": _grams(d[:, :k], x)}
+    return out | ({"coef": x} if with_current else {})
 
   n, _, t, p = group.coef.shape
-  zeros = jnp.zeros((t, n, p, p))
-  return over_frames(fn, group, rows, dict.fromkeys(("dd", "xx", "dx", "ff", "df"), zeros))
+  out = dict.fromkeys(("dd", "xx", "dx"), jnp.zeros((n, t, p, p)))
+  axes = dict.fromkeys(out, 1)
+  if with_current:
+    out["coef"], axes["coef"] = _current_zeros(group), 2
+  return over_frames(fn, group, rows, out, axes)
 
 
 def next_frame(group: FactorGroup, rows: int) -> int:

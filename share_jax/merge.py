@@ -209,7 +209,6 @@ def _merge_one(
   coef,
   coef_sum,
   maps,
-  frame_basis,
   ncols,
   partner,
   x,
@@ -223,8 +222,7 @@ def _merge_one(
 ):
   """One (kernel, side) slot. basis (d, K), coef (Kc, T, P) in frame coordinates (current ones,
   Kc = K, when the rule is ``max_task_error``: the driver settles first), coef_sum (K,), maps
-  (F, K, Kc), frame_basis (F, d, Kc), partner (T, P, P), x (m, d, P); the new tasks open
-  ``frame``."""
+  (F, K, Kc), partner (T, P, P), x (m, d, P); the new tasks open ``frame``."""
   d, k_in = basis.shape
   m, _, p = x.shape
   cols = jnp.transpose(x, (1, 0, 2)).reshape(d, m * p)
@@ -262,7 +260,6 @@ def _merge_one(
     _pad_k(coef, (0,), kc), _pad_k(new_coef, (0,), kc), start, 1
   )
   maps = _pad_k(mm("kj,fji->fki", step, maps), (2,), kc).at[frame].set(jnp.eye(k_out, kc))
-  frame_basis = _pad_k(frame_basis, (2,), kc).at[frame].set(_pad_k(new_basis, (1,), kc))
   coef_sum = mm("kj,j->k", step, coef_sum) + jnp.sum(new_coef, axis=(1, 2))
   proj = mm("nk,nc->ck", v_k, f)  # (c, K): S Sᵀ = projᵀ proj
   proj = jnp.pad(proj, ((0, max(k_out - proj.shape[0], 0)), (0, 0)))
@@ -270,7 +267,7 @@ def _merge_one(
   total = jnp.sum(kept_g)
   energy = jnp.where(total > 0, jnp.sum(kept_g * keep) / jnp.where(total > 0, total, 1.0), 1.0)
   lost = lost + jnp.sum(energies * (1.0 - keep))  # ‖F‖² = ‖S_new‖² + what this merge drops
-  out = (new_basis, k_sel, coef, new_scatter, energy, lost, coef_sum, maps, frame_basis)
+  out = (new_basis, k_sel, coef, new_scatter, energy, lost, coef_sum, maps)
   return out, want, res, kept_gram
 
 
@@ -300,13 +297,14 @@ def merge_group(
     k_out: basis capacity of the result; ``rule``: how many columns are active.
 
   Returns:
-    The new group (capacity K = ``k_out``), the k each slot's rule wanted (L,), so a caller can
+    The new group (capacity K = ``k_out``; ``frame_basis`` as given: the caller keeps the frame
+    bases, references to past bases), the k each slot's rule wanted (L,), so a caller can
     grow the capacity and merge again when it is too small, and per new task the Grams
     (m, L, P, P) of what the merge dropped from its columns and of what it kept.
   """
   merge = functools.partial(_merge_one, k_out=k_out, rule=rule)
   p_axis = None if partner is None else 1
-  axes = (0,) * 7 + (1, p_axis, 1, 1, None, None, None)
+  axes = (0,) * 6 + (1, p_axis, 1, 1, None, None, None)
   out, want, res, kept = jax.vmap(merge, in_axes=axes, out_axes=(0, 0, 1, 1))(
     group.basis,
     group.scatter,
@@ -314,7 +312,6 @@ def merge_group(
     group.coef,
     group.coef_sum,
     group.maps,
-    group.frame_basis,
     group.ncols,
     partner,
     x.astype(jnp.float32),
@@ -323,12 +320,12 @@ def merge_group(
     frame,
     beta,
   )
-  basis, rank, coef, scatter, energy, lost, coef_sum, maps, frame_basis = out
+  basis, rank, coef, scatter, energy, lost, coef_sum, maps = out
   m = x.shape[0]
   ncols = jax.lax.dynamic_update_slice_in_dim(group.ncols, x_ncols.astype(jnp.int32), start, axis=0)
   frames = jax.lax.dynamic_update_slice_in_dim(group.frame, jnp.full((m,), frame), start, axis=0)
   merged = FactorGroup(
-    basis, rank, coef, ncols, scatter, energy, lost, frames, maps, frame_basis, coef_sum
+    basis, rank, coef, ncols, scatter, energy, lost, frames, maps, group.frame_basis, coef_sum
   )
   return merged, want, res, kept
 

@@ -18,7 +18,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from share_jax.errors import ShareError
-from share_jax.subspace import FactorGroup, Layout, Subspace
+from share_jax.subspace import FRAMES, FactorGroup, Layout, Subspace
 from share_jax.train import make_train_step
 
 
@@ -42,8 +42,9 @@ def make_mesh(
 def layer_specs(axis: str | None) -> FactorGroup:
   """Partition specs of a group with its layer axis L on mesh ``axis`` (None: replicated)."""
   layer = P(axis)
+  frames = (layer,) * FRAMES
   return FactorGroup(
-    layer, layer, layer, P(None, axis), layer, layer, layer, P(None), layer, layer, layer
+    layer, layer, layer, P(None, axis), layer, layer, layer, P(None), layer, frames, layer
   )
 
 

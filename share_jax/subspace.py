@@ -225,7 +225,7 @@ class FactorGroup:
   Coefficients are lazy: a merge rotates the bases but not the stored tasks. Each task row
   belongs to a *frame* (the merge that stored it, or the last settle), and ``coef`` holds it in
   that frame's coordinates; ``maps[:, f]`` (K × K) takes frame f's coordinates to the current
-  ones, so a merge updates F small maps instead of T tasks. ``frame_basis[:, f]`` is the basis
+  ones, so a merge updates F small maps instead of T tasks. ``frame_basis[f]`` is the basis
   frame f began with (per-task errors are measured against it on read, ``share_jax.fidelity``)
   and ``coef_sum`` the sum of every stored column in current coordinates (the mean a merge
   centres on). Frame coordinates have Kc rows, the largest K so far (a merge to a smaller k,
@@ -243,7 +243,7 @@ class FactorGroup:
   lost: jax.Array  # (L,)
   frame: Any = None  # (T,) int32
   maps: Any = None  # (L, F, K, Kc)
-  frame_basis: Any = None  # (L, F, d, Kc)
+  frame_basis: Any = None  # F × (L, d, Kc): references to past bases, never copied
   coef_sum: Any = None  # (L, K)
 
   @property
@@ -271,14 +271,14 @@ class FactorGroup:
       return self.replace(
         frame=jax.ShapeDtypeStruct((t,), jnp.int32),
         maps=jax.ShapeDtypeStruct((n, FRAMES, k, k), jnp.float32),
-        frame_basis=jax.ShapeDtypeStruct((n, FRAMES, d, k), jnp.float32),
+        frame_basis=(self.basis,) * FRAMES,
         coef_sum=jax.ShapeDtypeStruct((n, k), jnp.float32),
       )
     eye = jnp.broadcast_to(jnp.eye(k, dtype=jnp.float32), (n, k, k))
     return self.replace(
       frame=jnp.zeros((t,), jnp.int32),
       maps=first_frame(eye),
-      frame_basis=first_frame(self.basis),
+      frame_basis=(self.basis,) * FRAMES,  # frames not in use: any array of the shape, no copy
       coef_sum=jnp.sum(jnp.asarray(self.coef, jnp.float32), axis=(2, 3)),
     )
 
