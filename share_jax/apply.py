@@ -35,7 +35,7 @@ def reconstruct(subspace: Subspace, task_id: Hashable) -> dict:
   i = subspace.task_index(task_id)
   out = {}
   for g, grp in subspace.groups.items():
-    f = np.asarray(side_factors(grp.basis, grp.task(i)))
+    f = np.asarray(_task_factors(grp, jnp.asarray(i, jnp.int32)))
     n = np.asarray(grp.ncols[i])
     for slot, (gg, row) in subspace.layout.slots.items():
       if gg == g:
@@ -60,9 +60,15 @@ def apply_factors(params: Any, layout: Layout, factors: Mapping[str, jax.Array])
   return add_deltas(params, deltas, {s.path for s in layout.kernels if s.transposed})
 
 
+@jax.jit
+def _task_factors(group, index):
+  """One task's side factors (L, d, P) in a group."""
+  return side_factors(group.basis, group.task(index))
+
+
 @functools.partial(jax.jit, static_argnames=("layout",))
 def _task_params(params, groups, index, layout):
-  factors = {g: side_factors(grp.basis, grp.task(index)) for g, grp in groups.items()}
+  factors = {g: _task_factors(grp, index) for g, grp in groups.items()}
   return apply_factors(params, layout, factors)
 
 

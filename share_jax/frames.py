@@ -90,10 +90,11 @@ def relabel(group: FactorGroup, f: int) -> FactorGroup:
   )
 
 
-def fresh(group: FactorGroup, rows: int) -> int | None:
-  """The frame that holds every one of the first ``rows`` tasks when nothing has moved it (its
-  map the identity, its basis the current one, coordinates of the current size), else None."""
-  held = np.asarray(group.frame)[:rows]
+def fresh(group: FactorGroup, rows: int, first: int = 0) -> int | None:
+  """The frame that holds every task row from ``first`` to ``rows`` − 1 when nothing has moved
+  it (its map the identity, its basis the current one, coordinates of the current size), else
+  None."""
+  held = np.asarray(group.frame)[first:rows]
   f = int(held.max(initial=0))
   if held.size and held.min() != f or group.coef.shape[1] != group.basis.shape[2]:
     return None

@@ -133,8 +133,9 @@ def absorb(
   **options,
 ) -> Subspace:
   """Fold new LoRAs (one or a batch) into the shared bases: k is re-chosen and every existing
-  task is re-projected. ``config`` replaces the subspace's config; keyword options (fields of
-  ``SubspaceConfig``) override single fields of it. Absorbing in pieces: with
+  task is re-projected (lazily, ``share_jax.frames``). ``config`` replaces the subspace's
+  config; keyword options (fields of ``SubspaceConfig``) override single fields of it. Absorbing
+  in pieces: with
   ``explained_variance`` set ``explained_of="absorbed"`` so earlier losses count; with a fixed
   k, absorb at a larger k and ``compress`` once all adapters are in."""
   config = resolve_config(config or subspace.config, **_options(options))
@@ -148,8 +149,8 @@ def compress(subspace: Subspace, *, config: SubspaceConfig | None = None, **opti
   """Re-choose k from the stored tasks alone: a merge with no new adapter. Absorb at a generous
   k, then compress to the k you want once the adapters are in: the bases are then chosen from
   everything at once (as ``init_subspace`` would from the stored tasks), not from early batches.
-  Every task is re-projected and its error bound grows by what it loses. ``config`` and keyword
-  options as in ``absorb``."""
+  Every task is re-projected and its error bound grows by what it loses (measured on read).
+  ``config`` and keyword options as in ``absorb``."""
   config = resolve_config(config or subspace.config, **_options(options))
   if not subspace.task_ids:
     raise ShareError("compress needs a subspace that holds at least one task")

@@ -12,8 +12,10 @@ matrix (as in sklearn's IncrementalPCA)
 
 whatever the number of tasks. An orthonormal rotation V of the small space, whose leading columns
 are the new basis, gives the new basis [β, Q_x] V_k, every task's new coefficients V_kᵀ ε_i and
-the new scatter factor. The d × (T r) stack, any d × d matrix and any Gram of the task stack are
-never formed. Directions without energy (round-off) are never kept, whatever the k rule.
+the new scatter factor. V_kᵀ is not applied to the stored tasks: it is composed into each frame's
+map (``share_jax.frames``), so the merge costs the same for 10 tasks or 10 000. The d × (T r)
+stack, any d × d matrix and any Gram of the task stack are never formed. Directions without
+energy (round-off) are never kept, whatever the k rule.
 
 Centring and the mean direction. Coefficients are uncentred projections (reconstruction is
 β βᵀ X, as in the paper's code), so a basis spanning only the centred stack loses the mean

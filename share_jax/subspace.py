@@ -254,8 +254,8 @@ class FactorGroup:
 
   def task(self, index) -> jax.Array:
     """One task's coefficients (L, K, P) in current coordinates (``index`` an int or a traced
-    scalar)."""
-    return mm("lkj,ljp->lkp", self.maps[:, self.frame[index]], self.coef[:, :, index])
+    scalar); one compiled call outside ``jax.jit``."""
+    return _task_coef(self.maps, self.frame, self.coef, jnp.asarray(index, jnp.int32))
 
   def rows(self, row: int, tasks: jax.Array) -> jax.Array:
     """Slot ``row``'s coefficients of the tasks at rows ``tasks`` (B,), current: (K, B, P)."""
@@ -285,6 +285,11 @@ class FactorGroup:
   def stored(self) -> FactorGroup:
     """Without the frame fields (for a checkpoint of a settled group)."""
     return self.replace(**dict.fromkeys(RUNTIME))
+
+
+@jax.jit
+def _task_coef(maps: jax.Array, frame: jax.Array, coef: jax.Array, index: jax.Array) -> jax.Array:
+  return mm("lkj,ljp->lkp", maps[:, frame[index]], coef[:, :, index])
 
 
 def first_frame(x: jax.Array) -> jax.Array:

@@ -35,6 +35,7 @@ from share_jax._validation import check_new_task_ids, check_params
 from share_jax.apply import apply_factors
 from share_jax.errors import ShareError
 from share_jax.fidelity import settle, stored_norms
+from share_jax.frames import current, fresh
 from share_jax.lora import add_deltas
 from share_jax.merge import mm, scatter_factor, side_factors
 from share_jax.paths import flatten_with_paths
@@ -373,7 +374,12 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
       f"task {task_id!r}: the state was read on bases that a later merge replaced, so its "
       "coefficients mean something else now; read it again with task_state"
     )
-  subspace = settle(subspace)  # every task in current coordinates: row i is written as is
+  # Row i is written in current coordinates: into its own frame when no merge has moved it
+  # (nor any row after it: frames stay ordered), e.g. right after the merge that stored it;
+  # else every task is settled first.
+  rows = subspace.num_tasks
+  if any(fresh(grp, rows, first=i) is None for grp in subspace.groups.values()):
+    subspace = settle(subspace)
   groups = {}
   for g, grp in subspace.groups.items():
     if trainable.temp[g].shape[-1]:
@@ -384,11 +390,14 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
       raise ShareError(
         f"task {task_id!r}: coefficients {shape} do not fit group {g} (L, K, P) = {(n, k, p)}"
       )
-    coef = _write(grp.coef, jnp.asarray(i, jnp.int32), trainable.coef[g].astype(jnp.float32))
-    scatter = scatter_factor(coef, grp.ncols, center=subspace.config.center)
-    groups[g] = grp.replace(coef=coef, scatter=scatter, coef_sum=jnp.sum(coef, axis=(2, 3)))
+    grp = grp.replace(
+      coef=_write(grp.coef, jnp.asarray(i, jnp.int32), trainable.coef[g].astype(jnp.float32))
+    )
+    now = current(grp, jnp.asarray(rows, jnp.int32))
+    scatter = scatter_factor(now, grp.ncols, center=subspace.config.center)
+    groups[g] = grp.replace(scatter=scatter, coef_sum=jnp.sum(now, axis=(2, 3)))
   # Stored exactly: the new original, error 0.
-  norm = stored_norms(groups, subspace.layout, subspace.num_tasks)[i]
+  norm = stored_norms(groups, subspace.layout, rows)[i]
   tasks = subspace.tasks.replace(
     norm=subspace.tasks.norm.at[i].set(norm), error=subspace.tasks.error.at[i].set(0.0)
   )
