@@ -398,6 +398,16 @@ class Subspace:
     from share_jax.fidelity import stored_norms  # fidelity builds on this module
 
     heads = heads or {}
+    for g, grp in groups.items():
+      stale = grp.frame is not None and (
+        grp.frame.shape[0] != grp.capacity[1]
+        or tuple(grp.maps.shape[2:]) != (grp.basis.shape[2], grp.coef.shape[1])
+      )
+      if stale:
+        raise ShareError(
+          f"group {g}: its frames do not fit its coefficients (T, K changed?); build groups "
+          "from FactorGroup.stored() (no frames) so that Subspace.create sets them up"
+        )
     groups = {g: grp if grp.frame is not None else grp.settled() for g, grp in groups.items()}
     unknown = [t for t in heads if t not in task_ids]
     if unknown:

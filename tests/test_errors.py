@@ -137,3 +137,23 @@ def test_target_selecting_nothing():
   pl = Planted(seed=1)
   with pytest.raises(sj.ShareError, match="target 'nothing_here' selects no 2-D kernel"):
     sj.empty_subspace(pl.params, "nothing_here")
+
+
+def test_groups_with_stale_frames_are_refused(planted):
+  """A group whose coefficients were replaced (more task rows) but whose frames were kept is
+  refused by name; built from ``stored()`` it gets fresh frames."""
+  _, sub = planted
+
+  def grown(grp):
+    return grp.replace(
+      coef=jnp.pad(grp.coef, ((0, 0), (0, 0), (0, 4), (0, 0))),
+      ncols=jnp.pad(grp.ncols, ((0, 4), (0, 0))),
+    )
+
+  stale = {g: grown(grp) for g, grp in sub.groups.items()}
+  with pytest.raises(sj.ShareError, match="group d.*: its frames do not fit"):
+    sj.Subspace.create(stale, sub.layout, sub.task_ids, sub.config)
+  rebuilt = {g: grown(grp.stored()) for g, grp in sub.groups.items()}
+  fresh = sj.Subspace.create(rebuilt, sub.layout, sub.task_ids, sub.config)
+  for g, c in sub.coefs(0).items():
+    np.testing.assert_allclose(fresh.coefs(0)[g], c, atol=1e-6)
