@@ -18,6 +18,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from share_jax.errors import ShareError
+from share_jax.fidelity import settle
 from share_jax.subspace import FRAMES, FactorGroup, Layout, Subspace
 from share_jax.train import make_train_step
 
@@ -57,10 +58,13 @@ def shard_subspace(subspace: Subspace, mesh: Mesh, axis: str = "data") -> Subspa
   """
   if mesh.axis_types[mesh.axis_names.index(axis)] != AxisType.Auto:
     raise ShareError(f"mesh axis {axis!r} must be Auto for sharded merges (see make_mesh)")
+  subspace = settle(subspace)  # one frame: its basis is the basis, placed once
   groups = {}
   for g, grp in subspace.groups.items():
     specs = layer_specs(axis if grp.basis.shape[0] % mesh.shape[axis] == 0 else None)
-    groups[g] = jax.device_put(grp, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+    specs = jax.tree.map(lambda s: NamedSharding(mesh, s), specs.replace(frame_basis=None))
+    placed = jax.device_put(grp.replace(frame_basis=None), specs)
+    groups[g] = placed.replace(frame_basis=(placed.basis,) * FRAMES)
   return subspace.replace(groups=groups)
 
 

@@ -54,11 +54,17 @@ def _train(step, trainable, opt_state, params, bases, batch) -> dict[str, np.nda
   return out | {"train/losses": np.asarray(losses)}
 
 
+def fields(grp: sj.FactorGroup) -> dict[str, np.ndarray]:
+  """A group's fields as host arrays; of the frame bases only those of frames in use (the
+  others are any array of the shape)."""
+  out = {name: np.asarray(leaf) for name, leaf in vars(grp).items()}
+  out["frame_basis"] = out["frame_basis"][: int(out["frame"].max()) + 1]
+  return out
+
+
 def _merged(sub: sj.Subspace) -> dict[str, np.ndarray]:
   return {
-    f"merge/{g}/{name}": np.asarray(leaf)
-    for g, grp in sub.groups.items()
-    for name, leaf in vars(grp).items()
+    f"merge/{g}/{name}": leaf for g, grp in sub.groups.items() for name, leaf in fields(grp).items()
   }
 
 
