@@ -3,13 +3,15 @@
 A merge does not touch stored tasks (``FactorGroup``): a task stays in the coordinates of its
 frame f, and ``maps[:, f]`` takes them to the current ones. Frames are non-decreasing over task
 rows, so each frame's tasks are one run of rows, and everything here works one run at a time in
-chunks of rows: the work follows the tasks held, each task with its own frame's matrices, and no
-per-task matrix is gathered.
+chunks of rows: the work follows the tasks held, and each run uses its frame's matrices (no
+per-task matrix is gathered).
 
-``settle`` folds every task into the current coordinates (one open frame again): the driver
-calls it when the frame slots are full (every ``FRAMES - 1`` merges), before a merge under the
-``max_task_error`` rule and before ``set_task``. ``drift_grams`` gives what per-task errors need
-on read: how far the stored ΔŴ moved since its frame began (``share_jax.fidelity``).
+Settling (``share_jax.settle``, built on ``settle_group`` and ``drift_grams``) folds every task
+into the current coordinates, one open frame again. It happens when the frame slots are full
+(every ``FRAMES - 1`` merges), before a merge under the ``max_task_error`` rule, before
+``set_task`` of a task whose frame a merge has moved, before a checkpoint save and before
+sharding. ``drift_grams`` also gives what per-task errors need on read: how far each stored ΔŴ
+moved since its frame began (``share_jax.fidelity``).
 """
 
 from __future__ import annotations
