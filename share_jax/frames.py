@@ -25,7 +25,8 @@ import numpy as np
 
 from share_jax.subspace import FRAMES, FactorGroup, first_frame, mm
 
-_CHUNK = 256  # task rows per step
+_CHUNK = 256  # task rows per step at most
+_MIN_CHUNK = 64  # and at least (less at a smaller capacity): a frame's last chunk is read whole
 
 
 def over_frames(fn: Callable, group: FactorGroup, rows: jax.Array, out: dict, axes: dict):
@@ -33,7 +34,7 @@ def over_frames(fn: Callable, group: FactorGroup, rows: jax.Array, out: dict, ax
   ``fn(f, block)``, block the coefficients (L, Kc, c, P) of a chunk of c rows of frame f; rows
   after ``rows`` keep ``out``'s values. A chunk past T is clamped back and masked."""
   _, _, t, _ = group.coef.shape
-  chunk = min(t, _CHUNK)
+  chunk = min(t, max(_MIN_CHUNK, min(_CHUNK, t // 4)))  # a quarter of capacity, within bounds
   held = jnp.arange(t) < rows
 
   def frame_body(f, out):

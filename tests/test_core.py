@@ -136,6 +136,7 @@ def test_frames_are_read_in_chunks_like_one_pass(monkeypatch, rows, frames):
   a float64 per-task reference (X_f = β_f c, X = β M c, D = X_f − X); rows after the held ones
   stay zero, and frames no task uses are not read."""
   monkeypatch.setattr(frames_mod, "_CHUNK", 4)
+  monkeypatch.setattr(frames_mod, "_MIN_CHUNK", 4)
   rng = np.random.default_rng(rows)
   n, d, k, kc, t, p = 2, 9, 3, 4, 10, 2
   orth = lambda *s: np.linalg.qr(rng.standard_normal(s))[0]  # noqa: E731
