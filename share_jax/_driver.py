@@ -126,7 +126,7 @@ def merge_columns(
       k_out = min(rule.limit, bucket(need))
       merged, _, res[g], kept[g] = call_kernel(merge_group, *args, k_out=k_out, rule=rule)
     groups[g] = _open_frame(merged, group.frame_basis, frame)
-  loss, before, _ = fidelity.merge_record(kept, res, layout)
+  loss, before = fidelity.merge_record(kept, res, layout)
   tasks = tasks.replace(
     norm=jax.lax.dynamic_update_slice_in_dim(tasks.norm, before[:m], t0, 0),
     error=jax.lax.dynamic_update_slice_in_dim(tasks.error, loss[:m], t0, 0),

@@ -90,16 +90,16 @@ def _delta_norm2(full: dict[str, jax.Array], layout: Layout) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
-def merge_record(kept: dict, res: dict, layout: Layout) -> tuple[jax.Array, ...]:
+def merge_record(kept: dict, res: dict, layout: Layout) -> tuple[jax.Array, jax.Array]:
   """Per new task (m,), from the Grams of what a merge kept and dropped ({group: (m, L, P, P)}):
-  ‖ΔW − P_α ΔW P_β‖ (the merge's loss), ‖ΔW‖ before it and ‖P_α ΔW P_β‖ after it."""
+  ‖ΔW − P_α ΔW P_β‖ (the merge's loss) and ‖ΔW‖ before it."""
   # The rotation is orthonormal, so the Gram before is the sum of two PSD parts: no cancelling.
   full = {g: kept[g] + res[g] for g in kept}
   total = 0.0
   for (ga, ra), (gb, rb) in _pairs(layout):
     fa, fb, qa, qb = full[ga][:, ra], full[gb][:, rb], res[ga][:, ra], res[gb][:, rb]
     total = total + _inner(qa, fb) + _inner(fa, qb) - _inner(qa, qb)
-  return _root(total), _root(_delta_norm2(full, layout)), _root(_delta_norm2(kept, layout))
+  return _root(total), _root(_delta_norm2(full, layout))
 
 
 def _root(x: jax.Array) -> jax.Array:
@@ -152,15 +152,16 @@ def settle(subspace: Subspace) -> Subspace:
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
-def _stored_norms(groups: dict, rows: jax.Array, layout: Layout) -> jax.Array:
-  full = {g: grams(current(grp, rows)) for g, grp in groups.items()}
-  return _root(_delta_norm2(full, layout))
+def norms(coefs: dict, layout: Layout) -> jax.Array:
+  """‖ΔW_stored‖_F per task (T,) from current coefficients {group: (L, K, T, P)} (the bases are
+  orthonormal)."""
+  return _root(_delta_norm2({g: grams(c) for g, c in coefs.items()}, layout))
 
 
 def stored_norms(groups: dict, layout: Layout, rows: int) -> jax.Array:
-  """‖ΔW_stored‖_F of the first ``rows`` task rows (T,), from the coefficients (the bases are
-  orthonormal)."""
-  return _stored_norms(groups, jnp.asarray(rows, jnp.int32), layout)
+  """``norms`` of the first ``rows`` task rows of the groups (T,)."""
+  rows = jnp.asarray(rows, jnp.int32)
+  return norms({g: current(grp, rows) for g, grp in groups.items()}, layout)
 
 
 def relative_errors(subspace: Subspace) -> np.ndarray:

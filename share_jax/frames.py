@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from share_jax.merge import task_grams
 from share_jax.subspace import FRAMES, FactorGroup, first_frame, mm
 
 _CHUNK = 256  # task rows per step at most
@@ -106,13 +107,6 @@ def fresh(group: FactorGroup, rows: int, first: int = 0) -> int | None:
   return f if same and bool(jnp.all(group.maps[:, f] == jnp.eye(fb.shape[2]))) else None
 
 
-def _grams(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Per slot and task, xᵀy over the coordinates: (L, n, c, P), (L, n, c, Q) → (L, c, P, Q), as a
-  broadcast product reduced over them (XLA CPU fuses it; tiny batched dots are several times
-  slower)."""
-  return jnp.sum(x[..., :, None] * y[..., None, :], axis=1)
-
-
 def _drift_maps(group: FactorGroup, top: jax.Array) -> jax.Array:
   """Per frame f < ``top``, [W_f − M_f; T_f] ((K + Kc) × Kc per slot), with W_f = βᵀβ_f, M_f the
   frame's map and R_f = β_f − β W_f = Q_f T_f (thin QR, Q_f ⟂ β): a column β_f c of frame f is
@@ -148,7 +142,8 @@ def drift_grams(group: FactorGroup, rows: jax.Array, with_current: bool = False)
   def fn(f, c):
     x = mm("lkj,ljtp->lktp", group.maps[:, f], c)
     d = mm("lkj,ljtp->lktp", s[:, f], c)
-    out = {"dd": _grams(d, d), "xx": _grams(x, x), "dx": _grams(d[:, :k], x)}
+    grams = jax.vmap(task_grams)  # per slot: (L, n, c, P) twice → (L, c, P, Q)
+    out = {"dd": grams(d), "xx": grams(x), "dx": grams(d[:, :k], x)}
     return out | ({"coef": x} if with_current else {})
 
   n, _, t, p = group.coef.shape

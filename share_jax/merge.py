@@ -183,10 +183,12 @@ def _want(rule: Rule, energies, lost, w, partner, beta, size: int) -> jax.Array:
   return jnp.minimum(want, rule.limit).astype(jnp.int32)
 
 
-def task_grams(w: jax.Array) -> jax.Array:
-  """Per task, Σ_i w_iᵀ w_i: (n, T, P) → (T, P, P). A broadcast product reduced over the leading
-  axis (XLA CPU runs it several times faster than T tiny batched dots)."""
-  return jnp.sum(w[:, :, :, None] * w[:, :, None, :], axis=0)
+def task_grams(w: jax.Array, v: jax.Array | None = None) -> jax.Array:
+  """Per task, Σ_i w_iᵀ v_i (v = w by default): (n, T, P), (n, T, Q) → (T, P, Q). A broadcast
+  product reduced over the leading axis (XLA CPU runs it several times faster than T tiny
+  batched dots)."""
+  v = w if v is None else v
+  return jnp.sum(w[:, :, :, None] * v[:, :, None, :], axis=0)
 
 
 def _task_outputs(w, keep, scale, k_out: int):
@@ -289,7 +291,7 @@ def merge_group(
   """Fold new factor columns into a group; stored tasks are not touched (their frames' maps are).
 
   Args:
-    group: bases (L, d, K), coefficients (L, K, T, P) of the tasks already held, with frames.
+    group: bases (L, d, K), coefficients (L, Kc, T, P) of the tasks already held, with frames.
     x: new tasks' factor columns (m, L, d, P), zero-padded; ``x_ncols`` (m, L) their counts.
     start: task row where the m new tasks go (``start + m <= T``); ``frame`` the frame they open
       (no held task's frame is >= it).

@@ -41,12 +41,10 @@ def make_mesh(
 
 
 def layer_specs(axis: str | None) -> FactorGroup:
-  """Partition specs of a group with its layer axis L on mesh ``axis`` (None: replicated)."""
+  """Partition specs of a group with its layer axis L on mesh ``axis`` (None: replicated); no
+  frame bases (``shard_subspace`` points them at the placed basis)."""
   layer = P(axis)
-  frames = (layer,) * FRAMES
-  return FactorGroup(
-    layer, layer, layer, P(None, axis), layer, layer, layer, P(None), layer, frames, layer
-  )
+  return FactorGroup(layer, layer, layer, P(None, axis), layer, layer, layer, P(None), layer)
 
 
 def shard_subspace(subspace: Subspace, mesh: Mesh, axis: str = "data") -> Subspace:
@@ -62,7 +60,7 @@ def shard_subspace(subspace: Subspace, mesh: Mesh, axis: str = "data") -> Subspa
   groups = {}
   for g, grp in subspace.groups.items():
     specs = layer_specs(axis if grp.basis.shape[0] % mesh.shape[axis] == 0 else None)
-    specs = jax.tree.map(lambda s: NamedSharding(mesh, s), specs.replace(frame_basis=None))
+    specs = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
     placed = jax.device_put(grp.replace(frame_basis=None), specs)
     groups[g] = placed.replace(frame_basis=(placed.basis,) * FRAMES)
   return subspace.replace(groups=groups)

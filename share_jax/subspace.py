@@ -6,7 +6,7 @@ into one ``FactorGroup`` so that one vmapped decomposition serves them all.
 Shapes are capacity buffers:
 
 - ``basis``: (L, d, K) orthonormal columns, the first ``rank[l]`` active, the rest zero;
-- ``coef``:  (L, K, T, P) coefficients of every task in its frame's coordinates (``FactorGroup``:
+- ``coef``:  (L, Kc, T, P) coefficients of every task in its frame's coordinates (``FactorGroup``:
   a merge composes small per-frame maps instead of re-projecting every task; rows beyond
   ``rank``, columns beyond ``ncols`` and tasks beyond the registry are zero);
 - ``ncols``: (T, L) the number of factor columns (the LoRA rank or pseudo-rank p) of each task;
@@ -224,7 +224,7 @@ class FactorGroup:
 
   Coefficients are lazy: a merge rotates the bases but not the stored tasks. Each task row
   belongs to a *frame* (the merge that stored it, or the last settle), and ``coef`` holds it in
-  that frame's coordinates; ``maps[:, f]`` (K × K) takes frame f's coordinates to the current
+  that frame's coordinates; ``maps[:, f]`` (K × Kc) takes frame f's coordinates to the current
   ones, so a merge updates F small maps instead of T tasks. ``frame_basis[f]`` is the basis
   frame f began with (per-task errors are measured against it on read, ``share_jax.fidelity``)
   and ``coef_sum`` the sum of every stored column in current coordinates (the mean a merge

@@ -34,7 +34,7 @@ from share_jax._driver import merge_columns
 from share_jax._validation import check_new_task_ids, check_params
 from share_jax.apply import apply_factors
 from share_jax.errors import ShareError
-from share_jax.fidelity import settle, stored_norms
+from share_jax.fidelity import norms, settle
 from share_jax.frames import current, fresh
 from share_jax.lora import add_deltas
 from share_jax.merge import mm, scatter_factor, side_factors
@@ -380,7 +380,7 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
   rows = subspace.num_tasks
   if any(fresh(grp, rows, first=i) is None for grp in subspace.groups.values()):
     subspace = settle(subspace)
-  groups = {}
+  groups, now = {}, {}
   for g, grp in subspace.groups.items():
     if trainable.temp[g].shape[-1]:
       raise ShareError(f"task {task_id!r}: temporary factors must be merged (finish_task) first")
@@ -393,11 +393,11 @@ def set_task(subspace: Subspace, task_id: Hashable, trainable: TaskState) -> Sub
     grp = grp.replace(
       coef=_write(grp.coef, jnp.asarray(i, jnp.int32), trainable.coef[g].astype(jnp.float32))
     )
-    now = current(grp, jnp.asarray(rows, jnp.int32))
-    scatter = scatter_factor(now, grp.ncols, center=subspace.config.center)
-    groups[g] = grp.replace(scatter=scatter, coef_sum=jnp.sum(now, axis=(2, 3)))
+    now[g] = current(grp, jnp.asarray(rows, jnp.int32))
+    scatter = scatter_factor(now[g], grp.ncols, center=subspace.config.center)
+    groups[g] = grp.replace(scatter=scatter, coef_sum=jnp.sum(now[g], axis=(2, 3)))
   # Stored exactly: the new original, error 0.
-  norm = stored_norms(groups, subspace.layout, rows)[i]
+  norm = norms({g: c[:, :, i : i + 1] for g, c in now.items()}, subspace.layout)[0]
   tasks = subspace.tasks.replace(
     norm=subspace.tasks.norm.at[i].set(norm), error=subspace.tasks.error.at[i].set(0.0)
   )
