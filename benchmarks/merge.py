@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import share_jax as sj
@@ -204,8 +205,14 @@ def timed(fn: Callable, *args, **kw) -> tuple[float, object]:
   return time.perf_counter() - t, out
 
 
-def absorb_one(sub: sj.Subspace, new: dict) -> sj.Subspace:
-  return block(sj.absorb(sub, [new], task_ids=["new"]))
+def absorb_one(sub: sj.Subspace, new: dict, donate: bool = False) -> sj.Subspace:
+  return block(sj.absorb(sub, [new], task_ids=["new"], donate=donate))
+
+
+def own_copy(sub: sj.Subspace) -> sj.Subspace:
+  """``sub`` with its own coefficient buffers, for an absorb that donates them (untimed)."""
+  groups = {g: grp.replace(coef=jnp.copy(grp.coef)) for g, grp in sub.groups.items()}
+  return block(sub.replace(groups=groups))
 
 
 def settle_one(sub: sj.Subspace) -> sj.Subspace:
@@ -256,19 +263,22 @@ def time_share(subs: dict, new: dict, reps: int, profile: bool) -> dict:
   res = {t: first_call(sub, new) for t, sub in subs.items()}
   for t, sub in subs.items():
     absorb_one(sub, new)
+    absorb_one(own_copy(sub), new, donate=True)
     run_kernel(res[t]["calls"])
     settle_one(res[t]["out"])
-  runs = {t: {"absorb": [], "kernel": [], "settle": []} for t in subs}
+  runs = {t: {"absorb": [], "in_place": [], "kernel": [], "settle": []} for t in subs}
   for _ in range(reps):
     for t, sub in subs.items():
       runs[t]["absorb"].append(timed(absorb_one, sub, new)[0])
+      runs[t]["in_place"].append(timed(absorb_one, own_copy(sub), new, donate=True)[0])
       runs[t]["kernel"].append(timed(run_kernel, res[t]["calls"])[0])
       runs[t]["settle"].append(timed(settle_one, res[t]["out"])[0])
   for t, sub in subs.items():
     r = res[t]
     r["absorb_s"], r["kernel_s"] = median(runs[t]["absorb"]), median(runs[t]["kernel"])
-    r["settle_s"] = median(runs[t]["settle"])
+    r["settle_s"], r["in_place_s"] = median(runs[t]["settle"]), median(runs[t]["in_place"])
     r["amortised_s"] = r["absorb_s"] + r["settle_s"] / (FRAMES - 1)
+    r["in_place_amortised_s"] = r["in_place_s"] + r["settle_s"] / (FRAMES - 1)
     r["absorb_runs"] = runs[t]["absorb"]
     if profile:
       r["profile"] = profile_phases(sub, new, reps)
@@ -522,8 +532,9 @@ def _cell(x: dict | None, share_s: float) -> tuple[str, str]:
 
 def table(rows: list[dict]) -> str:
   head = (
-    "| shape | T | T cap | share_jax absorb (s) | merge_group (s) | settle (s) "
-    "| absorb + settle / (F − 1) (s) | merge temp (MB) "
+    "| shape | T | T cap | share_jax absorb (s) | absorb, donate=True (s) | merge_group (s) "
+    "| settle (s) | absorb + settle / (F − 1) (s) | donated + settle / (F − 1) (s) "
+    "| merge temp (MB) "
     "| first call (s) | compile (s) "
     "| (c) NumPy small-space (s) | (c)/share "
     "| (a) SVD (s) | (b) eig (s) | (a)/share | (b)/share | ‖P−P_ref‖₂ | old recon rel err "
@@ -534,8 +545,9 @@ def table(rows: list[dict]) -> str:
     s, acc = r["share"], r["acc"]
     (a, sa), (b, sb), (c, sc) = (_cell(r.get(m), s["absorb_s"]) for m in (*BASELINES, "c"))
     lines.append(
-      f"| {r['shape']} | {r['T']} | {s['t_cap']} | {s['absorb_s']:.4f} | {s['kernel_s']:.4f} "
-      f"| {s['settle_s']:.4f} | {s['amortised_s']:.4f} | {s['temp_mb']:.0f} "
+      f"| {r['shape']} | {r['T']} | {s['t_cap']} | {s['absorb_s']:.4f} | {s['in_place_s']:.4f} "
+      f"| {s['kernel_s']:.4f} | {s['settle_s']:.4f} | {s['amortised_s']:.4f} "
+      f"| {s['in_place_amortised_s']:.4f} | {s['temp_mb']:.0f} "
       f"| {s['first_s']:.2f} | {s['compile_s']:.2f} | {c} | {sc} | {a} | {b} | {sa} | {sb} "
       f"| {acc['proj_dist']:.1e} | {acc['old_rel_err']:.1e} | {acc['new_rel_err']:.1e} |"
     )
@@ -627,11 +639,15 @@ def main(argv=None) -> None:
     if lo != hi:
       g_abs = by_t[hi]["absorb_s"] / by_t[lo]["absorb_s"]
       g_ker = by_t[hi]["kernel_s"] / by_t[lo]["kernel_s"]
-      g_am = by_t[hi]["amortised_s"] / by_t[lo]["amortised_s"]
+      g_in, g_am, g_in_am = (
+        by_t[hi][key] / by_t[lo][key]
+        for key in ("in_place_s", "amortised_s", "in_place_amortised_s")
+      )
       c = {r["T"]: r["c"]["s"] for r in rows if r["shape"] == name}
       print(
-        f"{name}: growth T={hi}/T={lo}: absorb {g_abs:.2f}×, merge_group {g_ker:.2f}×, "
-        f"absorb with settling amortised {g_am:.2f}×, (c) NumPy small-space {c[hi] / c[lo]:.2f}×"
+        f"{name}: growth T={hi}/T={lo}: absorb {g_abs:.2f}× (donated {g_in:.2f}×), "
+        f"merge_group {g_ker:.2f}×, with settling amortised {g_am:.2f}× (donated {g_in_am:.2f}×), "
+        f"(c) NumPy small-space {c[hi] / c[lo]:.2f}×"
       )
   if args.profile:
     print()

@@ -14,7 +14,7 @@ import numpy as np
 from share_jax import fidelity
 from share_jax._profiling import call_kernel, phase
 from share_jax.frames import next_frame
-from share_jax.merge import Rule, merge_group
+from share_jax.merge import Rule, merge_group, write_rows
 from share_jax.subspace import FRAMES, FactorGroup, Subspace, SubspaceConfig, TaskTable, id_code
 
 _MIN_K = 8
@@ -70,10 +70,13 @@ def merge_columns(
   task_ids: Sequence[Hashable],
   columns: Mapping[str, tuple[Any, Any]],
   config: SubspaceConfig | None = None,
+  donate: bool = False,
 ) -> Subspace:
   """Fold new tasks, given as factor columns ``{group: (x (m, L, d, p), ncols (m, L))}``, into the
   bases; the new tasks open a frame, and every ``FRAMES - 1`` merges the stored tasks are
-  settled (``share_jax.frames``). Callers validate ids and shapes."""
+  settled (``share_jax.frames``). Callers validate ids and shapes. ``donate``: the new rows are
+  written into ``subspace``'s coefficient buffers (``merge.write_rows``), which are then gone;
+  not under a strict ``max_task_error``, whose check may raise after the write."""
   config = config or subspace.config
   layout = subspace.layout
   t0, m = subspace.num_tasks, len(task_ids)
@@ -111,6 +114,7 @@ def merge_columns(
     )
     beta = _budget(fresh, norm2, config)
   groups, res, kept = {}, {}, {}
+  in_place = donate and not (config.strict and config.max_task_error is not None)
   absorbed = config.explained_of == "absorbed"
   for g, group in grown.items():
     d, _ = layout.groups[g]
@@ -120,11 +124,12 @@ def merge_columns(
     # The merge does not read the frame bases: they stay out of the call (no copy of them).
     args = (group.replace(frame_basis=None), x, ncols, start, jnp.asarray(frame, jnp.int32))
     args += (partner[g], beta)
-    merged, want, res[g], kept[g] = call_kernel(merge_group, *args, k_out=k_out, rule=rule)
+    merged, rows, want, res[g], kept[g] = call_kernel(merge_group, *args, k_out=k_out, rule=rule)
     need = int(jnp.max(want))
     if need > k_out:
       k_out = min(rule.limit, bucket(need))
-      merged, _, res[g], kept[g] = call_kernel(merge_group, *args, k_out=k_out, rule=rule)
+      merged, rows, _, res[g], kept[g] = call_kernel(merge_group, *args, k_out=k_out, rule=rule)
+    merged = merged.replace(coef=write_rows(group.coef, rows, start, in_place))
     groups[g] = _open_frame(merged, group.frame_basis, frame)
   loss, before = fidelity.merge_record(kept, res, layout)
   tasks = tasks.replace(

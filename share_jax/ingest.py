@@ -85,12 +85,15 @@ def _empty_group(d: int, n: int, t_cap: int) -> FactorGroup:
 
 
 def _merge(
-  subspace: Subspace, tasks: list[tuple[Hashable, dict]], config: SubspaceConfig
+  subspace: Subspace,
+  tasks: list[tuple[Hashable, dict]],
+  config: SubspaceConfig,
+  donate: bool,
 ) -> Subspace:
   leaves = [lv for _, lv in tasks]
   r_max = max(lora.rank for lv in leaves for lora in lv.values())
   columns = stack_factors(subspace.layout, leaves, len(leaves), r_max)
-  return merge_columns(subspace, [t for t, _ in tasks], columns, config)
+  return merge_columns(subspace, [t for t, _ in tasks], columns, config, donate)
 
 
 def init_subspace(
@@ -121,7 +124,7 @@ def init_subspace(
   tasks = as_tasks(loras, task_ids)
   layout = layout_from_params(params, tasks)
   check_tasks(layout, tasks)
-  return _merge(_empty_like(layout, config, task_capacity), tasks, config)
+  return _merge(_empty_like(layout, config, task_capacity), tasks, config, donate=True)
 
 
 def absorb(
@@ -130,19 +133,24 @@ def absorb(
   *,
   task_ids: Sequence[Hashable] | None = None,
   config: SubspaceConfig | None = None,
+  donate: bool = False,
   **options,
 ) -> Subspace:
   """Fold new LoRAs (one or a batch) into the shared bases: k is re-chosen and every existing
   task is re-projected (lazily, ``share_jax.frames``). ``config`` replaces the subspace's
   config; keyword options (fields of ``SubspaceConfig``) override single fields of it. Absorbing
-  in pieces: with
-  ``explained_variance`` set ``explained_of="absorbed"`` so earlier losses count; with a fixed
-  k, absorb at a larger k and ``compress`` once all adapters are in."""
+  in pieces: with ``explained_variance`` set ``explained_of="absorbed"`` so earlier losses
+  count; with a fixed k, absorb at a larger k and ``compress`` once all adapters are in.
+
+  ``donate=True`` writes the new tasks into ``subspace``'s coefficient buffers instead of a copy
+  of every stored task (as ``jax.jit``'s ``donate_argnums``): ``subspace`` must not be used
+  afterwards (``sub = absorb(sub, lora, donate=True)``). Under a strict ``max_task_error``
+  config it copies, so that a failed check leaves ``subspace`` whole."""
   config = resolve_config(config or subspace.config, **_options(options))
   tasks = as_tasks(loras, task_ids)
   check_new_task_ids(subspace, [t for t, _ in tasks])
   check_tasks(subspace.layout, tasks)
-  return _merge(subspace, tasks, config)
+  return _merge(subspace, tasks, config, donate)
 
 
 def compress(subspace: Subspace, *, config: SubspaceConfig | None = None, **options) -> Subspace:

@@ -260,9 +260,6 @@ def _merge_one(
   step = v_k[:k_in].T
   new_coef, kept_gram, res = _task_outputs(w_new, keep, scale, k_out)
   kc = max(coef.shape[0], k_out)  # frame coordinates never shrink
-  coef = jax.lax.dynamic_update_slice_in_dim(
-    _pad_k(coef, (0,), kc), _pad_k(new_coef, (0,), kc), start, 1
-  )
   maps = _pad_k(mm("kj,fji->fki", step, maps), (2,), kc).at[frame].set(jnp.eye(k_out, kc))
   coef_sum = mm("kj,j->k", step, coef_sum) + jnp.sum(new_coef, axis=(1, 2))
   proj = mm("nk,nc->ck", v_k, f)  # (c, K): S Sᵀ = projᵀ proj
@@ -271,7 +268,7 @@ def _merge_one(
   total = jnp.sum(kept_g)
   energy = jnp.where(total > 0, jnp.sum(kept_g * keep) / jnp.where(total > 0, total, 1.0), 1.0)
   lost = lost + jnp.sum(energies * (1.0 - keep))  # ‖F‖² = ‖S_new‖² + what this merge drops
-  out = (new_basis, k_sel, coef, new_scatter, energy, lost, coef_sum, maps)
+  out = (new_basis, k_sel, _pad_k(new_coef, (0,), kc), new_scatter, energy, lost, coef_sum, maps)
   return out, want, res, kept_gram
 
 
@@ -287,8 +284,9 @@ def merge_group(
   *,
   k_out: int,
   rule: Rule,
-) -> tuple[FactorGroup, jax.Array, jax.Array, jax.Array]:
-  """Fold new factor columns into a group; stored tasks are not touched (their frames' maps are).
+) -> tuple[FactorGroup, jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Fold new factor columns into a group; stored tasks are not touched (their frames' maps are),
+  and the new tasks' coefficients come back apart, for ``write_rows``.
 
   Args:
     group: bases (L, d, K), coefficients (L, Kc, T, P) of the tasks already held, with frames.
@@ -301,8 +299,10 @@ def merge_group(
     k_out: basis capacity of the result; ``rule``: how many columns are active.
 
   Returns:
-    The new group (capacity K = ``k_out``; ``frame_basis`` as given: the caller keeps the frame
-    bases, references to past bases), the k each slot's rule wanted (L,), so a caller can
+    The new group (capacity K = ``k_out``; ``coef`` None and ``frame_basis`` as given: the
+    caller writes the rows and keeps the frame bases, references to past bases), the new tasks'
+    coefficients (L, Kc', m, P) in frame coordinates of width Kc' = max(Kc, K), the k each
+    slot's rule wanted (L,), so a caller can
     grow the capacity and merge again when it is too small, and per new task the Grams
     (m, L, P, P) of what the merge dropped from its columns and of what it kept.
   """
@@ -324,14 +324,31 @@ def merge_group(
     frame,
     beta,
   )
-  basis, rank, coef, scatter, energy, lost, coef_sum, maps = out
+  basis, rank, rows, scatter, energy, lost, coef_sum, maps = out
   m = x.shape[0]
   ncols = jax.lax.dynamic_update_slice_in_dim(group.ncols, x_ncols.astype(jnp.int32), start, axis=0)
   frames = jax.lax.dynamic_update_slice_in_dim(group.frame, jnp.full((m,), frame), start, axis=0)
   merged = FactorGroup(
-    basis, rank, coef, ncols, scatter, energy, lost, frames, maps, group.frame_basis, coef_sum
+    basis, rank, None, ncols, scatter, energy, lost, frames, maps, group.frame_basis, coef_sum
   )
-  return merged, want, res, kept
+  return merged, rows, want, res, kept
+
+
+def _put_rows(coef: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_update_slice_in_dim(_pad_k(coef, (1,), rows.shape[1]), rows, start, 2)
+
+
+_put = jax.jit(_put_rows)
+_put_in_place = jax.jit(_put_rows, donate_argnums=0)
+
+
+def write_rows(coef: jax.Array, rows: jax.Array, start: jax.Array, donate: bool) -> jax.Array:
+  """``coef`` (L, Kc, T, P), zero-padded to rows' width Kc', with ``rows`` (L, Kc', m, P) as task
+  rows ``start`` … ``start + m - 1``. A functional update copies all T rows; with ``donate``
+  the write reuses ``coef``'s buffer, which is then deleted (when Kc' = Kc: a wider result
+  needs a new buffer anyway)."""
+  in_place = donate and rows.shape[1] == coef.shape[1]
+  return (_put_in_place if in_place else _put)(coef, rows, start)
 
 
 @functools.partial(jax.jit, static_argnames=("center",))

@@ -282,12 +282,15 @@ def _factored_loss(loss_fn, params, factors, args) -> tuple[jax.Array, list[str]
   return loss, sorted(set(factors) - reached)
 
 
-def finish_task(subspace: Subspace, trainable: TaskState, task_id: Hashable) -> Subspace:
+def finish_task(
+  subspace: Subspace, trainable: TaskState, task_id: Hashable, *, donate: bool = False
+) -> Subspace:
   """Merge the trained task: its factor columns (temporary factors included) are folded into
   the bases, k is re-chosen, every old task is re-projected, and its head is stored.
 
   The columns are computed on the bases the state was begun on (``trainable.origin``), so a
-  state begun before another task was merged is merged exactly as trained.
+  state begun before another task was merged is merged exactly as trained. ``donate`` as in
+  ``absorb``: the task is written into ``subspace``'s buffers, and ``subspace`` is gone.
   """
   check_new_task_ids(subspace, [task_id])
   _check_state(subspace, trainable, task_id)
@@ -299,7 +302,7 @@ def finish_task(subspace: Subspace, trainable: TaskState, task_id: Hashable) -> 
   columns = {
     g: (f[None], jnp.full((1, f.shape[0]), f.shape[-1], jnp.int32)) for g, f in factors.items()
   }
-  out = merge_columns(subspace, [task_id], columns)
+  out = merge_columns(subspace, [task_id], columns, donate=donate)
   return out if trainable.head is None else out.with_head(task_id, trainable.head)
 
 

@@ -116,6 +116,22 @@ def test_absorb_leaves_the_input_state_untouched():
   assert sub.task_ids == (0, 1, 2)
 
 
+def test_donated_absorbs_equal_copying_ones_and_consume_their_input():
+  """Through a settle (``FRAMES`` single absorbs), in place or not: the same stored state; a
+  donated absorb within capacity deletes its argument's coefficient buffers (all but the one
+  that settles first, which writes into the settled copy)."""
+  pl = Planted(seed=5)
+  new = pl.loras(FRAMES + 1)
+  copied = donated = sj.init_subspace(pl.params, pl.loras(3), k=4, task_capacity=16)
+  for i, lora in enumerate(new):
+    copied = sj.absorb(copied, [lora], task_ids=[f"n{i}"])
+    before, donated = donated, sj.absorb(donated, [lora], task_ids=[f"n{i}"], donate=True)
+    assert all(g.coef.is_deleted() for g in before.groups.values()) == (i != FRAMES - 1)
+  stored = lambda s: {g: grp.stored() for g, grp in s.groups.items()}  # noqa: E731
+  chex.assert_trees_all_equal(stored(copied), stored(donated))
+  assert sj.task_errors(copied) == sj.task_errors(donated)
+
+
 def test_signs_are_deterministic_and_follow_svd_flip():
   pl = Planted(seed=6)
   loras = pl.loras(4)

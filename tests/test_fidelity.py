@@ -170,9 +170,12 @@ def test_a_merge_over_the_threshold_warns_or_raises_naming_the_tasks():
     pl.loras(3),
     config=sj.SubspaceConfig(explained_variance=1.0, max_task_error=0.01, strict=True),
   )
-  with pytest.raises(sj.FidelityError, match="exceed max_task_error"):
-    sj.absorb(strict, pl.loras(1), task_ids=["x"], k=1)
-  assert strict.task_ids == (0, 1, 2)
+  errors = sj.task_errors(strict)
+  for donate in (False, True):  # a strict check never consumes the argument
+    with pytest.raises(sj.FidelityError, match="exceed max_task_error"):
+      sj.absorb(strict, pl.loras(1), task_ids=["x"], k=1, donate=donate)
+    assert strict.task_ids == (0, 1, 2)
+    assert sj.task_errors(strict) == errors
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     sj.absorb(sub, pl.loras(1), task_ids=["y"])  # explained variance 1: nothing lost
