@@ -13,7 +13,7 @@ import numpy as np
 
 from share_jax import fidelity
 from share_jax._profiling import call_kernel, phase
-from share_jax.frames import next_frame
+from share_jax.frames import fold_from, fold_group, next_frame
 from share_jax.merge import Rule, merge_group, write_rows
 from share_jax.subspace import FRAMES, FactorGroup, Subspace, SubspaceConfig, TaskTable, id_code
 
@@ -54,6 +54,22 @@ def _open_frame(merged: FactorGroup, bases: tuple, frame: int) -> FactorGroup:
   bases = [pad(b) for b in bases]
   bases[frame] = pad(merged.basis)
   return merged.replace(frame_basis=tuple(bases))
+
+
+def _fold(groups: dict, tasks: TaskTable, layout, rows: int, first: int, donate: bool):
+  """Frames >= ``first`` folded into one (``frames.fold_from``): their rows are re-expressed in
+  current coordinates and their drift added to their error; the other rows are not read.
+  ``donate``: the rows are written into the groups' coefficient buffers. Returns (groups,
+  error)."""
+  held = np.asarray(next(iter(groups.values())).frame)[:rows]
+  lo = int(np.searchsorted(held, first))  # frames are non-decreasing over rows
+  args = (tasks.error, jnp.asarray(rows), jnp.asarray(lo), jnp.asarray(first))
+  blocks, start, error = fidelity.fold_blocks(groups, *args, layout, size=bucket(rows - lo))
+  out = {}
+  for g, grp in groups.items():
+    coef = write_rows(grp.coef, blocks[g], start, donate)
+    out[g] = fold_group(grp, coef, rows, first)
+  return out, error
 
 
 def _budget(tasks: TaskTable, norm2: jnp.ndarray, config: SubspaceConfig) -> jnp.ndarray:
@@ -98,10 +114,17 @@ def merge_columns(
     code=tasks.code.at[t0 : t0 + m].set(np.asarray([id_code(t) for t in task_ids], np.int32))
   )
   kind, value = config.rule
+  in_place = donate and not (config.strict and config.max_task_error is not None)
+  own = in_place or (t_cap, p_cap) != (t_cur, p_cur)  # the coefficient buffers are ours to reuse
   frame = next_frame(next(iter(grown.values())), t0)
-  if t0 and (frame >= FRAMES or kind == "max_task_error"):
-    grown, error = fidelity.settle_groups(grown, tasks, layout, t0)
-    tasks, frame = tasks.replace(error=error), 1  # every held task is in frame 0 now
+  first = fold_from(next(iter(grown.values())), t0) if t0 and frame >= FRAMES else None
+  if t0 and (kind == "max_task_error" or first == 0):
+    settled, error = fidelity.settle_groups(grown, tasks, layout, t0)
+    own = own or any(settled[g].coef is not grown[g].coef for g in grown)  # not relabelled
+    grown, tasks, frame = settled, tasks.replace(error=error), 1  # all held tasks in frame 0
+  elif first:  # the frame slots are full: fold the young frames into one
+    grown, error = _fold(grown, tasks, layout, t0, first, own)
+    tasks, frame, own = tasks.replace(error=error), first + 1, True
   partner, beta = {g: None for g in grown}, None
   if kind == "max_task_error":  # the only rule that reads every task's Grams before merging
     partner, norm2 = fidelity.before_merge(
@@ -114,7 +137,6 @@ def merge_columns(
     )
     beta = _budget(fresh, norm2, config)
   groups, res, kept = {}, {}, {}
-  in_place = donate and not (config.strict and config.max_task_error is not None)
   absorbed = config.explained_of == "absorbed"
   for g, group in grown.items():
     d, _ = layout.groups[g]
@@ -129,7 +151,7 @@ def merge_columns(
     if need > k_out:
       k_out = min(rule.limit, bucket(need))
       merged, rows, _, res[g], kept[g] = call_kernel(merge_group, *args, k_out=k_out, rule=rule)
-    merged = merged.replace(coef=write_rows(group.coef, rows, start, in_place))
+    merged = merged.replace(coef=write_rows(group.coef, rows, start, own))
     groups[g] = _open_frame(merged, group.frame_basis, frame)
   loss, before = fidelity.merge_record(kept, res, layout)
   tasks = tasks.replace(

@@ -144,7 +144,8 @@ def cmd_absorb(args) -> int:
     # kernels and shapes are checked against the subspace's layout by absorb (which names a
     # different set of kernels as such), not against a stand-in holding only the adapted ones
     adapters = _read(args.adapters, scheme)
-    subspace = absorb(subspace, [a.lora for a in adapters], task_ids=ids, **_config_options(args))
+    loras = [a.lora for a in adapters]  # the restored copy is ours: merge in place
+    subspace = absorb(subspace, loras, task_ids=ids, donate=True, **_config_options(args))
     version = _save(ckpt, subspace, ids, adapters)
   print(
     f"{args.ckpt}: version {version}, {subspace.num_tasks} tasks (added {ids}); "

@@ -107,10 +107,13 @@ def _root(x: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "with_current"))
-def _drift(groups: dict, rows: jax.Array, layout: Layout, with_current: bool = False):
+def _drift(
+  groups: dict, rows: jax.Array, layout: Layout, with_current: bool = False, first: jax.Array = 0
+):
   """‖ΔŴ_f − ΔŴ‖ per task row (T,): how far each stored ΔW moved since its frame began; with
-  ``with_current`` also every group's current coefficients {group: (L, K, T, P)}."""
-  q = {g: drift_grams(grp, rows, with_current) for g, grp in groups.items()}
+  ``with_current`` also every group's current coefficients {group: (L, K, T, P)}. Rows of
+  frames before ``first`` are left out (zero)."""
+  q = {g: drift_grams(grp, rows, with_current, first) for g, grp in groups.items()}
   total = 0.0
   for (ga, ra), (gb, rb) in _pairs(layout):
     a = {n: x[ra] for n, x in q[ga].items()}
@@ -141,6 +144,28 @@ def settle_groups(groups: dict, tasks, layout: Layout, rows: int):
   drift, coefs = _drift(groups, jnp.asarray(rows, jnp.int32), layout, with_current=True)
   settled = {g: settle_group(grp, coefs[g]) for g, grp in groups.items()}
   return settled, tasks.error + drift
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "size"))
+def fold_blocks(groups: dict, error, rows, lo, first, layout: Layout, size: int):
+  """For a fold of frames >= ``first`` (their held rows ``lo`` … ``rows`` − 1): a window of
+  ``size`` >= rows − lo task rows from s = min(lo, T − size), per group {group: (L, Kc, size, P)}
+  with those rows in current coordinates (zero-padded to Kc), s, and ``error`` (T,) with their
+  drift added (triangle inequality, as ``settle_groups``). Work follows ``size``, not T."""
+  t = next(iter(groups.values())).frame.shape[0]
+  s = jnp.minimum(lo, t - size)
+  cut = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, s, size, axis)  # noqa: E731
+  view = {
+    g: grp.replace(coef=cut(grp.coef, 2), frame=cut(grp.frame, 0)) for g, grp in groups.items()
+  }
+  drift, now = _drift(view, rows - s, layout, True, first)
+  r = s + jnp.arange(size)
+  move = ((r >= lo) & (r < rows))[None, None, :, None]
+  blocks = {}
+  for g, grp in view.items():
+    kc, k = grp.coef.shape[1], now[g].shape[1]
+    blocks[g] = jnp.where(move, jnp.pad(now[g], ((0, 0), (0, kc - k), (0, 0), (0, 0))), grp.coef)
+  return blocks, s, jax.lax.dynamic_update_slice_in_dim(error, cut(error, 0) + drift, s, 0)
 
 
 def settle(subspace: Subspace) -> Subspace:

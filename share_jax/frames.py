@@ -30,10 +30,13 @@ _CHUNK = 256  # task rows per step at most
 _MIN_CHUNK = 64  # and at least (less at a smaller capacity): a frame's last chunk is read whole
 
 
-def over_frames(fn: Callable, group: FactorGroup, rows: jax.Array, out: dict, axes: dict):
-  """``out`` ({name: array}) with task rows 0…``rows`` − 1 (along ``axes[name]``) replaced by
-  ``fn(f, block)``, block the coefficients (L, Kc, c, P) of a chunk of c rows of frame f; rows
-  after ``rows`` keep ``out``'s values. A chunk past T is clamped back and masked."""
+def over_frames(
+  fn: Callable, group: FactorGroup, rows: jax.Array, out: dict, axes: dict, first: jax.Array = 0
+):
+  """``out`` ({name: array}) with task rows 0…``rows`` − 1 of frames >= ``first`` (along
+  ``axes[name]``) replaced by ``fn(f, block)``, block the coefficients (L, Kc, c, P) of a chunk
+  of c rows of frame f; other rows keep ``out``'s values. A chunk past T is clamped back and
+  masked."""
   _, _, t, _ = group.coef.shape
   chunk = min(t, max(_MIN_CHUNK, min(_CHUNK, t // 4)))  # a quarter of capacity, within bounds
   held = jnp.arange(t) < rows
@@ -59,7 +62,7 @@ def over_frames(fn: Callable, group: FactorGroup, rows: jax.Array, out: dict, ax
 
     return jax.lax.fori_loop(0, (hi - lo + chunk - 1) // chunk, chunk_body, out)
 
-  return jax.lax.fori_loop(0, FRAMES, frame_body, out)
+  return jax.lax.fori_loop(first, FRAMES, frame_body, out)
 
 
 def _current_zeros(group: FactorGroup) -> jax.Array:
@@ -127,14 +130,16 @@ def _drift_maps(group: FactorGroup, top: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("with_current",))
-def drift_grams(group: FactorGroup, rows: jax.Array, with_current: bool = False) -> dict:
+def drift_grams(
+  group: FactorGroup, rows: jax.Array, with_current: bool = False, first: jax.Array = 0
+) -> dict:
   """Per slot and task row, the p × p Grams (L, T, P, P) that give ‖ΔŴ_f − ΔŴ‖ of a kernel from
   its two sides (``fidelity``). A side's columns were X_f = β_f c when its frame began and are
   X = β M c now (M the frame's map); the drift D = X_f − X has coordinates
   [W − M; T] c (``_drift_maps``), X has M c: ``dd`` DᵀD, ``xx`` XᵀX and ``dx`` DᵀX, from
   (K + Kc) × Kc products per task (no d-sized work per task; D is formed directly, so no large
   terms cancel). ``with_current``: also ``coef``, the current coefficients (L, K, T, P), from
-  the same pass (``settle``)."""
+  the same pass (``settle``). Rows of frames before ``first`` are left out (zero)."""
   held = jnp.arange(group.frame.shape[0]) < rows
   s = _drift_maps(group, jnp.max(jnp.where(held, group.frame + 1, 0)))
   k = group.basis.shape[2]
@@ -151,7 +156,41 @@ def drift_grams(group: FactorGroup, rows: jax.Array, with_current: bool = False)
   axes = dict.fromkeys(out, 1)
   if with_current:
     out["coef"], axes["coef"] = _current_zeros(group), 2
-  return over_frames(fn, group, rows, out, axes)
+  return over_frames(fn, group, rows, out, axes, first)
+
+
+def fold_from(group: FactorGroup, rows: int) -> int:
+  """The oldest frame a fold takes when the frame slots are full (host int, >= 0): the two
+  newest frames, and each older one while it holds no more rows than all the younger ones
+  together. Sizes then grow geometrically with age, as in a log-structured merge, so a task
+  is re-expressed O(log T) times over a run of single absorbs, not at every settle; 0 means
+  the young frames outweigh frame 0, and everything settles."""
+  counts = np.bincount(np.asarray(group.frame)[:rows], minlength=FRAMES)
+  first = FRAMES - 2
+  while first > 0 and counts[first - 1] <= counts[first:].sum():
+    first -= 1
+  return first
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _fold_fields(frame, maps, rows, first, *, k):
+  held = jnp.arange(frame.shape[0]) < rows
+  n, _, _, kc = maps.shape
+  eye = jnp.broadcast_to(jnp.eye(k, kc, dtype=jnp.float32), (n, k, kc))
+  frame = jnp.where(held & (frame >= first), first, frame)
+  return frame, jax.lax.dynamic_update_index_in_dim(maps, eye, first, 1)
+
+
+def fold_group(group: FactorGroup, coef: jax.Array, rows: int, first: int) -> FactorGroup:
+  """The group with ``coef`` (L, Kc, T, P), where the held rows of frames >= ``first`` are in
+  current coordinates (zero-padded to Kc), and those rows in one frame ``first`` that begins
+  now: its map the identity, its basis the current one (a reference, or one padded copy)."""
+  n, _, k = group.basis.shape
+  kc = coef.shape[1]
+  frame, maps = _fold_fields(group.frame, group.maps, jnp.asarray(rows), jnp.asarray(first), k=k)
+  basis = group.basis if k == kc else jnp.pad(group.basis, ((0, 0), (0, 0), (0, kc - k)))
+  bases = group.frame_basis[:first] + (basis,) * (FRAMES - first)
+  return group.replace(coef=coef, frame=frame, maps=maps, frame_basis=bases)
 
 
 def next_frame(group: FactorGroup, rows: int) -> int:

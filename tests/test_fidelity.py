@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from numpy_reference import Planted, delta_error, side_columns, task_columns
 
 import share_jax as sj
-from share_jax import train
+from share_jax import _driver, train
 from share_jax.subspace import FRAMES, SIDES
 
 SHAPES = {"m/a/kernel": (10, 6), "m/b/kernel": (10, 10)}
@@ -63,6 +63,52 @@ def test_lazy_frames_settle_and_still_bound_every_task():
       np.testing.assert_allclose(np.asarray(after[path].b), np.asarray(lora.b), atol=1e-5)
   assert sj.task_errors(settled) == pytest.approx(sj.task_errors(sub), abs=1e-5)
   chex.assert_trees_all_equal(sj.settle(settled), settled)
+
+
+def _run(batches, seed: int, check=None):
+  """The last (subspace, originals) of ``absorb_sequence`` on a fresh ``Planted(seed)``, calling
+  ``check(sub)`` after every step."""
+  pl = Planted(seed=seed, shapes=SHAPES, hidden=3, noise=0.3)
+  for sub, originals, _ in absorb_sequence(pl, batches, 5, explained_variance=0.7):
+    if check:
+      check(sub)
+  return sub, originals
+
+
+def test_young_frames_fold_alone_and_read_like_a_full_settle(monkeypatch):
+  """When the frame slots run out while frame 0 holds more rows than the younger frames, only
+  those are folded into one frame: frame 0's stored rows stay bit for bit. Reads equal those
+  after settling everything instead, and every bound is above the truth and not above
+  settling's (frame 0's tasks take one triangle step fewer)."""
+  batches = [9] + [1] * (FRAMES + 2)
+  newest, old = [], {}
+
+  def check(sub):
+    groups = sub.groups.items()
+    newest.append(int(jnp.max(next(iter(sub.groups.values())).frame[: sub.num_tasks])))
+    old.update({g: np.asarray(x.coef[:, :, :9]) for g, x in groups if g not in old})
+    for g, x in groups:
+      kc = old[g].shape[1]
+      np.testing.assert_array_equal(np.asarray(x.coef[:, :kc, :9]), old[g])
+      assert not np.any(np.asarray(x.coef[:, kc:, :9]))
+
+  folded, originals = _run(batches, 8, check)
+  assert newest == [*range(FRAMES), 2, 3, 4]  # frames 1…7 folded into 1 at the 8th absorb
+  frame = np.asarray(next(iter(folded.groups.values())).frame[: folded.num_tasks])
+  assert frame.tolist() == [0] * 9 + [1] * (FRAMES - 1) + [2, 3, 4]
+  monkeypatch.setattr(_driver, "fold_from", lambda group, rows: 0)  # settle everything instead
+  settled, _ = _run(batches, 8)
+  reported, truth, loose = (
+    sj.task_errors(folded),
+    true_errors(folded, originals),
+    sj.task_errors(settled),
+  )
+  for t in folded.task_ids:
+    assert truth[t] - 1e-5 <= reported[t] <= loose[t] + 1e-5, (t, truth[t], reported[t], loose[t])
+    a, b = (sj.lora_leaves(sj.reconstruct(s, t)) for s in (folded, settled))
+    for path, lora in a.items():
+      np.testing.assert_allclose(np.asarray(b[path].a), np.asarray(lora.a), atol=1e-5)
+      np.testing.assert_allclose(np.asarray(b[path].b), np.asarray(lora.b), atol=1e-5)
 
 
 @pytest.mark.parametrize("center", [True, False])
