@@ -14,8 +14,9 @@ Later merges do not touch stored tasks (coefficients are lazy, ``share_jax.frame
 loss is measured on read: the stored ΔŴ_f of a task in frame f and the current ΔŴ differ by
 Δ = D_a B_fᵀ + A D_bᵀ per kernel (D = X_f − X per side), whose norm comes exactly from p × p
 Grams (``frames.drift_grams``), and the triangle inequality bounds the error by ``error`` + ‖Δ‖
-(one step per frame, not per merge: never looser than adding every merge's loss). ``settle``
-folds that bound into ``error`` when it moves tasks into the current coordinates.
+(one step per frame, not per merge: never looser than adding every merge's loss). A fold of
+the young frames (``fold_blocks``) and ``settle`` add that bound to ``error`` when they move tasks
+into the current coordinates; frame 0's tasks, seldom settled, keep one step for many merges.
 ``set_task`` stores new coefficients exactly: norm is theirs, error 0.
 """
 

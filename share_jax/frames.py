@@ -6,12 +6,14 @@ rows, so each frame's tasks are one run of rows, and everything here works one r
 chunks of rows: the work follows the tasks held, and each run uses its frame's matrices (no
 per-task matrix is gathered).
 
-Settling (``share_jax.settle``, built on ``settle_group`` and ``drift_grams``) folds every task
-into the current coordinates, one open frame again. It happens when the frame slots are full
-(every ``FRAMES - 1`` merges), before a merge under the ``max_task_error`` rule, before
-``set_task`` of a task whose frame a merge has moved, before a checkpoint save and before
-sharding. ``drift_grams`` also gives what per-task errors need on read: how far each stored ΔŴ
-moved since its frame began (``share_jax.fidelity``).
+When the frame slots are full, a merge first folds the young frames into one (``fold_from``
+picks them, size-tiered; ``fold_group``): only their rows are re-expressed. Settling
+(``share_jax.settle``, built on ``settle_group`` and ``drift_grams``) folds every task into the
+current coordinates, one open frame again. It happens when the young frames outweigh frame 0,
+before a merge under the ``max_task_error`` rule, before ``set_task`` of a task whose frame a
+merge has moved, before a checkpoint save and before sharding. ``drift_grams`` also gives what
+per-task errors need on read: how far each stored ΔŴ moved since its frame began
+(``share_jax.fidelity``).
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ class FidelityError(ShareError):
   """As ``FidelityWarning``, raised instead when the config is ``strict``."""
 
 
-FRAMES = 8  # frame slots per group: a merge opens one, every FRAMES - 1 merges they are settled
+FRAMES = 8  # frame slots per group: a merge opens one; when they run out young ones are folded
 RUNTIME = ("frame", "maps", "frame_basis", "coef_sum")  # FactorGroup fields not checkpointed
 
 
@@ -223,7 +223,7 @@ class FactorGroup:
   """One group's bases and coefficients; see the module doc for the stored fields.
 
   Coefficients are lazy: a merge rotates the bases but not the stored tasks. Each task row
-  belongs to a *frame* (the merge that stored it, or the last settle), and ``coef`` holds it in
+  belongs to a *frame* (the merge that stored it, the last fold or settle), and ``coef`` holds it in
   that frame's coordinates; ``maps[:, f]`` (K × Kc) takes frame f's coordinates to the current
   ones, so a merge updates F small maps instead of T tasks. ``frame_basis[f]`` is the basis
   frame f began with (per-task errors are measured against it on read, ``share_jax.fidelity``)

@@ -69,10 +69,10 @@ def _run(batches, seed: int, check=None):
   """The last (subspace, originals) of ``absorb_sequence`` on a fresh ``Planted(seed)``, calling
   ``check(sub)`` after every step."""
   pl = Planted(seed=seed, shapes=SHAPES, hidden=3, noise=0.3)
-  for sub, originals, _ in absorb_sequence(pl, batches, 5, explained_variance=0.7):
+  for step in absorb_sequence(pl, batches, 5, explained_variance=0.7):
     if check:
-      check(sub)
-  return sub, originals
+      check(step[0])
+  return step[:2]
 
 
 def test_young_frames_fold_alone_and_read_like_a_full_settle(monkeypatch):
