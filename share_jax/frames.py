@@ -29,7 +29,8 @@ from share_jax.merge import task_grams
 from share_jax.subspace import FRAMES, FactorGroup, first_frame, mm
 
 _CHUNK = 256  # task rows per step at most
-_MIN_CHUNK = 64  # and at least (less at a smaller capacity): a frame's last chunk is read whole
+_MIN_CHUNK = 64  # and at least (less at a smaller capacity)
+_TAIL = 16  # rows per step over a frame's last, partial chunk
 
 
 def over_frames(
@@ -37,32 +38,39 @@ def over_frames(
 ):
   """``out`` ({name: array}) with task rows 0…``rows`` − 1 of frames >= ``first`` (along
   ``axes[name]``) replaced by ``fn(f, block)``, block the coefficients (L, Kc, c, P) of a chunk
-  of c rows of frame f; other rows keep ``out``'s values. A chunk past T is clamped back and
-  masked."""
+  of c rows of frame f; other rows keep ``out``'s values. A frame's run is read in whole chunks,
+  then its remainder in chunks of ``_TAIL`` rows (a one-task frame costs one small step); a
+  chunk past T is clamped back and masked."""
   _, _, t, _ = group.coef.shape
   chunk = min(t, max(_MIN_CHUNK, min(_CHUNK, t // 4)))  # a quarter of capacity, within bounds
+  tail = min(chunk, _TAIL)
   held = jnp.arange(t) < rows
 
-  def frame_body(f, out):
-    lo = jnp.sum(held & (group.frame < f))
-    hi = jnp.sum(held & (group.frame <= f))
-
+  def steps(f, size: int, begin, hi, count, out):
     def chunk_body(i, out):
-      first = lo + i * chunk
-      at = jnp.minimum(first, t - chunk)
-      r = at + jnp.arange(chunk)
-      mask = (r >= first) & (r < jnp.minimum(first + chunk, hi))
-      new = fn(f, jax.lax.dynamic_slice_in_dim(group.coef, at, chunk, 2))
+      start = begin + i * size
+      at = jnp.minimum(start, t - size)
+      r = at + jnp.arange(size)
+      mask = (r >= start) & (r < jnp.minimum(start + size, hi))
+      new = fn(f, jax.lax.dynamic_slice_in_dim(group.coef, at, size, 2))
 
       def put(name):
         o, ax = out[name], axes[name]
-        old = jax.lax.dynamic_slice_in_dim(o, at, chunk, ax)
-        keep = mask.reshape([chunk if i == ax else 1 for i in range(o.ndim)])
+        old = jax.lax.dynamic_slice_in_dim(o, at, size, ax)
+        keep = mask.reshape([size if i == ax else 1 for i in range(o.ndim)])
         return jax.lax.dynamic_update_slice_in_dim(o, jnp.where(keep, new[name], old), at, ax)
 
       return {name: put(name) for name in out}
 
-    return jax.lax.fori_loop(0, (hi - lo + chunk - 1) // chunk, chunk_body, out)
+    return jax.lax.fori_loop(0, count, chunk_body, out)
+
+  def frame_body(f, out):
+    lo = jnp.sum(held & (group.frame < f))
+    hi = jnp.sum(held & (group.frame <= f))
+    whole = (hi - lo) // chunk
+    out = steps(f, chunk, lo, hi, whole, out)
+    rest = lo + whole * chunk
+    return steps(f, tail, rest, hi, (hi - rest + tail - 1) // tail, out)
 
   return jax.lax.fori_loop(first, FRAMES, frame_body, out)
 
@@ -112,12 +120,13 @@ def fresh(group: FactorGroup, rows: int, first: int = 0) -> int | None:
   return f if same and bool(jnp.all(group.maps[:, f] == jnp.eye(fb.shape[2]))) else None
 
 
-def _drift_maps(group: FactorGroup, top: jax.Array) -> jax.Array:
-  """Per frame f < ``top``, [W_f − M_f; T_f] ((K + Kc) × Kc per slot), with W_f = βᵀβ_f, M_f the
+def _drift_maps(group: FactorGroup, first: jax.Array, top: jax.Array) -> jax.Array:
+  """Per frame f in use, [W_f − M_f; T_f] ((K + Kc) × Kc per slot), with W_f = βᵀβ_f, M_f the
   frame's map and R_f = β_f − β W_f = Q_f T_f (thin QR, Q_f ⟂ β): a column β_f c of frame f is
   [β, Q_f] [W_f; T_f] c, and it is β M_f c now, so its drift has coordinates [W_f − M_f; T_f] c
-  in the orthonormal [β, Q_f]. (L, F, K + Kc, Kc), zeros from ``top`` on (a loop up to it, so
-  frames after the newest cost nothing; a conditional per frame would let XLA hoist the work)."""
+  in the orthonormal [β, Q_f]. (L, F, K + Kc, Kc), zeros outside ``first`` … ``top`` − 1 (a loop
+  over those, so other frames cost nothing; a conditional per frame would let XLA hoist the
+  work)."""
   n, _, k = group.basis.shape
   kc = group.coef.shape[1]
   pick = [lambda *bases, f=f: bases[f] for f in range(FRAMES)]
@@ -128,7 +137,7 @@ def _drift_maps(group: FactorGroup, top: jax.Array) -> jax.Array:
     t = jnp.linalg.qr(fb - mm("ldk,lkj->ldj", group.basis, w), mode="r")
     return out.at[:, f].set(jnp.concatenate([w - group.maps[:, f], t], axis=1))
 
-  return jax.lax.fori_loop(0, top, body, jnp.zeros((n, FRAMES, k + kc, kc)))
+  return jax.lax.fori_loop(first, top, body, jnp.zeros((n, FRAMES, k + kc, kc)))
 
 
 @functools.partial(jax.jit, static_argnames=("with_current",))
@@ -143,7 +152,7 @@ def drift_grams(
   terms cancel). ``with_current``: also ``coef``, the current coefficients (L, K, T, P), from
   the same pass (``settle``). Rows of frames before ``first`` are left out (zero)."""
   held = jnp.arange(group.frame.shape[0]) < rows
-  s = _drift_maps(group, jnp.max(jnp.where(held, group.frame + 1, 0)))
+  s = _drift_maps(group, first, jnp.max(jnp.where(held, group.frame + 1, 0)))
   k = group.basis.shape[2]
 
   def fn(f, c):

@@ -149,12 +149,14 @@ def test_signs_are_deterministic_and_follow_svd_flip():
 
 @pytest.mark.parametrize("rows, frames", [(7, [0, 0, 1, 1, 1, 3, 3]), (10, [0] * 5 + [2] * 5)])
 def test_frames_are_read_in_chunks_like_one_pass(monkeypatch, rows, frames):
-  """Lazy coefficients are read one frame's run of rows at a time, in chunks (the last one
-  clamped back when it would run past capacity): current coefficients and the drift Grams equal
-  a float64 per-task reference (X_f = β_f c, X = β M c, D = X_f − X); rows after the held ones
-  stay zero, and frames no task uses are not read."""
+  """Lazy coefficients are read one frame's run of rows at a time, in whole chunks and then
+  smaller ones for the remainder (the last clamped back when it would run past capacity):
+  current coefficients and the drift Grams equal a float64 per-task reference (X_f = β_f c,
+  X = β M c, D = X_f − X); rows after the held ones stay zero, and frames no task uses are not
+  read."""
   monkeypatch.setattr(frames_mod, "_CHUNK", 4)
   monkeypatch.setattr(frames_mod, "_MIN_CHUNK", 4)
+  monkeypatch.setattr(frames_mod, "_TAIL", 2)  # whole chunks of 4, then remainders by 2
   rng = np.random.default_rng(rows)
   n, d, k, kc, t, p = 2, 9, 3, 4, 10, 2
   orth = lambda *s: np.linalg.qr(rng.standard_normal(s))[0]  # noqa: E731
