@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from share_jax.merge import task_grams
 from share_jax.subspace import FRAMES, FactorGroup, first_frame, mm
 
 _CHUNK = 256  # task rows per step at most
@@ -147,20 +146,24 @@ def drift_grams(
   """Per slot and task row, the p × p Grams (L, T, P, P) that give ‖ΔŴ_f − ΔŴ‖ of a kernel from
   its two sides (``fidelity``). A side's columns were X_f = β_f c when its frame began and are
   X = β M c now (M the frame's map); the drift D = X_f − X has coordinates
-  [W − M; T] c (``_drift_maps``), X has M c: ``dd`` DᵀD, ``xx`` XᵀX and ``dx`` DᵀX, from
-  (K + Kc) × Kc products per task (no d-sized work per task; D is formed directly, so no large
-  terms cancel). ``with_current``: also ``coef``, the current coefficients (L, K, T, P), from
-  the same pass (``settle``). Rows of frames before ``first`` are left out (zero)."""
+  S c with S = [W − M; T] (``_drift_maps``), X has M c: ``dd`` DᵀD = cᵀ(SᵀS)c, ``xx`` XᵀX =
+  cᵀ(MᵀM)c and ``dx`` DᵀX = cᵀ(S_kᵀM)c, three Kc × Kc forms per frame applied to each task in
+  one product, then one p × 3p contraction over Kc per task (no d-sized work per task; S is
+  formed directly and each form is a product of it, so no large terms cancel).
+  ``with_current``: also ``coef``, the current coefficients (L, K, T, P), from the same pass
+  (``settle``). Rows of frames before ``first`` are left out (zero)."""
   held = jnp.arange(group.frame.shape[0]) < rows
   s = _drift_maps(group, first, jnp.max(jnp.where(held, group.frame + 1, 0)))
   k = group.basis.shape[2]
 
   def fn(f, c):
-    x = mm("lkj,ljtp->lktp", group.maps[:, f], c)
-    d = mm("lkj,ljtp->lktp", s[:, f], c)
-    grams = jax.vmap(task_grams)  # per slot: (L, n, c, P) twice → (L, c, P, Q)
-    out = {"dd": grams(d), "xx": grams(x), "dx": grams(d[:, :k], x)}
-    return out | ({"coef": x} if with_current else {})
+    sf, mf = s[:, f], group.maps[:, f]
+    gram = lambda u, v: mm("lij,lik->ljk", u, v)  # noqa: E731
+    forms = jnp.stack([gram(sf, sf), gram(mf, mf), gram(sf[:, :k], mf)], axis=1)  # (L, 3, Kc, Kc)
+    y = mm("lakj,ljtp->laktp", forms, c)
+    g = jnp.sum(c[:, None, :, :, :, None] * y[:, :, :, :, None, :], axis=2)
+    out = {"dd": g[:, 0], "xx": g[:, 1], "dx": g[:, 2]}
+    return out | ({"coef": mm("lkj,ljtp->lktp", mf, c)} if with_current else {})
 
   n, _, t, p = group.coef.shape
   out = dict.fromkeys(("dd", "xx", "dx"), jnp.zeros((n, t, p, p)))

@@ -183,12 +183,10 @@ def _want(rule: Rule, energies, lost, w, partner, beta, size: int) -> jax.Array:
   return jnp.minimum(want, rule.limit).astype(jnp.int32)
 
 
-def task_grams(w: jax.Array, v: jax.Array | None = None) -> jax.Array:
-  """Per task, Σ_i w_iᵀ v_i (v = w by default): (n, T, P), (n, T, Q) → (T, P, Q). A broadcast
-  product reduced over the leading axis (XLA CPU runs it several times faster than T tiny
-  batched dots)."""
-  v = w if v is None else v
-  return jnp.sum(w[:, :, :, None] * v[:, :, None, :], axis=0)
+def task_grams(w: jax.Array) -> jax.Array:
+  """Per task, Σ_i w_iᵀ w_i: (n, T, P) → (T, P, P). A broadcast product reduced over the leading
+  axis (XLA CPU runs it several times faster than T tiny batched dots)."""
+  return jnp.sum(w[:, :, :, None] * w[:, :, None, :], axis=0)
 
 
 def _task_outputs(w, keep, scale, k_out: int):
