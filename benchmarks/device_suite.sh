@@ -34,7 +34,7 @@ if [[ $quick == 1 ]]; then
   )
 else
   suite=(
-    "merge|150|--T 10 100 1000 --shapes roberta,7b --baseline-reps 1 --baseline-budget 4 --max-slot-s 4"
+    "merge|150|--T 10 100 1000 --shapes roberta,7b --reps 3 --run 12 --baseline-reps 1 --baseline-budget 4 --max-slot-s 4"
     "serving|60|--repeats 7"
     "train_step|90|--rounds 15"
   )

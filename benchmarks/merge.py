@@ -10,7 +10,7 @@ float32 baselines fed the same inputs:
 share_jax re-projects lazily (``share_jax.frames``): an absorb composes per-frame maps; when the
 frame slots run out the young frames are folded into one, and everything settles only when they
 outweigh the oldest frame. The table times one absorb (copying the coefficients, and with
-``donate=True``), a run of ``RUN`` absorbs in a row (folds included: the steady cost per task),
+``donate=True``), a run of ``--run`` absorbs in a row (folds included: the steady cost per task),
 and a full ``settle`` of the absorb's result.
 
 and, per kernel and side, on the T tasks' reconstructed factor columns plus the new LoRA's, a
@@ -222,16 +222,13 @@ def settle_one(sub: sj.Subspace) -> sj.Subspace:
   return block(sj.settle(sub))
 
 
-RUN = 3 * FRAMES  # absorbs in a row: the frame slots fill and fold several times
-
-
-def absorb_run(sub: sj.Subspace, new: dict, donate: bool) -> float:
-  """Mean seconds per absorb over ``RUN`` single absorbs in a row from ``sub``."""
+def absorb_run(sub: sj.Subspace, new: dict, n: int, donate: bool) -> float:
+  """Mean seconds per absorb over ``n`` single absorbs in a row from ``sub``."""
   sub = own_copy(sub) if donate else sub
   t = time.perf_counter()
-  for i in range(RUN):
+  for i in range(n):
     sub = block(sj.absorb(sub, [new], task_ids=[f"run{i}"], donate=donate))
-  return (time.perf_counter() - t) / RUN
+  return (time.perf_counter() - t) / n
 
 
 def kernel_calls(sub: sj.Subspace, new: dict) -> list[profiling.KernelCall]:
@@ -270,7 +267,7 @@ def first_call(sub: sj.Subspace, new: dict) -> dict:
   }
 
 
-def time_share(subs: dict, new: dict, reps: int, profile: bool) -> dict:
+def time_share(subs: dict, new: dict, reps: int, profile: bool, run: int) -> dict:
   """Per T: first call, then absorb and ``merge_group`` medians, the Ts interleaved rep by rep
   so that load changes hit every T alike."""
   res = {t: first_call(sub, new) for t, sub in subs.items()}
@@ -279,7 +276,7 @@ def time_share(subs: dict, new: dict, reps: int, profile: bool) -> dict:
     absorb_one(own_copy(sub), new, donate=True)
     run_kernel(res[t]["calls"])
     settle_one(res[t]["out"])
-    absorb_run(sub, new, donate=True)
+    absorb_run(sub, new, run, donate=True)
   keys = ("absorb", "in_place", "kernel", "settle", "run", "run_in_place")
   runs = {t: {key: [] for key in keys} for t in subs}
   for _ in range(reps):
@@ -288,8 +285,8 @@ def time_share(subs: dict, new: dict, reps: int, profile: bool) -> dict:
       runs[t]["in_place"].append(timed(absorb_one, own_copy(sub), new, donate=True)[0])
       runs[t]["kernel"].append(timed(run_kernel, res[t]["calls"])[0])
       runs[t]["settle"].append(timed(settle_one, res[t]["out"])[0])
-      runs[t]["run"].append(absorb_run(sub, new, donate=False))
-      runs[t]["run_in_place"].append(absorb_run(sub, new, donate=True))
+      runs[t]["run"].append(absorb_run(sub, new, run, donate=False))
+      runs[t]["run_in_place"].append(absorb_run(sub, new, run, donate=True))
   for t, sub in subs.items():
     r = res[t]
     r["absorb_s"], r["kernel_s"] = median(runs[t]["absorb"]), median(runs[t]["kernel"])
@@ -546,10 +543,10 @@ def _cell(x: dict | None, share_s: float) -> tuple[str, str]:
   return f"{mark}{x['s']:.3g} ({x['how']})", f"{mark}{x['s'] / share_s:.0f}×"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], run: int) -> str:
   head = (
     "| shape | T | T cap | share_jax absorb (s) | absorb, donate=True (s) | merge_group (s) "
-    f"| settle (s) | run of {RUN}, per absorb (s) | run of {RUN}, donated (s) "
+    f"| settle (s) | run of {run}, per absorb (s) | run of {run}, donated (s) "
     "| merge temp (MB) "
     "| first call (s) | compile (s) "
     "| (c) NumPy small-space (s) | (c)/share "
@@ -581,6 +578,9 @@ def parse(argv=None) -> argparse.Namespace:
   )
   p.add_argument("--shapes", default="roberta,7b", help=f"comma list of {sorted(SHAPES)}")
   p.add_argument("--reps", type=int, default=7, help="timed share_jax repetitions (median)")
+  p.add_argument(
+    "--run", type=int, default=3 * FRAMES, help="single absorbs in a row (folds and settles)"
+  )
   p.add_argument("--baseline-reps", type=int, default=3, help="max timed reps per baseline cell")
   p.add_argument("--baseline-budget", type=float, default=40.0, help="seconds per baseline cell")
   p.add_argument("--max-slot-s", type=float, default=30.0, help="skip+model a slot slower than")
@@ -593,7 +593,7 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--json", help="write raw results here")
   args = p.parse_args(argv)
   if args.quick:
-    args.T, args.shapes, args.reps, args.chunk = [4, 16], "tiny", 2, 8
+    args.T, args.shapes, args.reps, args.chunk, args.run = [4, 16], "tiny", 2, 8, FRAMES + 1
     args.baseline_reps, args.baseline_budget = 1, 5.0
   args.reps = max(args.reps, 1)
   return args
@@ -617,7 +617,7 @@ def main(argv=None) -> None:
       gen, snaps = build(shape, args.T, args.chunk, args.seed, log, args.build_max)
       new = gen.lora()
       blas_threads(env["blas_threads"])
-      shares = time_share(snaps, new, args.reps, args.profile)
+      shares = time_share(snaps, new, args.reps, args.profile, args.run)
       for t, sub in snaps.items():
         share, out = shares[t], shares[t].pop("out")
         share.pop("calls")
@@ -647,7 +647,7 @@ def main(argv=None) -> None:
     f"load average {env['loadavg_start'][0]:.1f} → {env['loadavg_end'][0]:.1f}"
   )
   print()
-  print(table(rows))
+  print(table(rows, args.run))
   print()
   for name in args.shapes.split(","):
     by_t = {r["T"]: r["share"] for r in rows if r["shape"] == name}
@@ -661,7 +661,7 @@ def main(argv=None) -> None:
       c = {r["T"]: r["c"]["s"] for r in rows if r["shape"] == name}
       print(
         f"{name}: growth T={hi}/T={lo}: absorb {g_abs:.2f}× (donated {g_in:.2f}×), "
-        f"merge_group {g_ker:.2f}×, in runs of {RUN} {g_run:.2f}× (donated {g_run_in:.2f}×), "
+        f"merge_group {g_ker:.2f}×, in runs of {args.run} {g_run:.2f}× (donated {g_run_in:.2f}×), "
         f"(c) NumPy small-space {c[hi] / c[lo]:.2f}×"
       )
   if args.profile:

@@ -18,6 +18,7 @@ from share_jax.merge import Rule, merge_group, write_rows
 from share_jax.subspace import FRAMES, FactorGroup, Subspace, SubspaceConfig, TaskTable, id_code
 
 _MIN_K = 8
+_MIN_FOLD = 64  # rows a fold reads at least (capacity permitting): few window sizes to compile
 
 
 def bucket(n: int) -> int:
@@ -61,10 +62,11 @@ def _fold(groups: dict, tasks: TaskTable, layout, rows: int, first: int, donate:
   current coordinates and their drift added to their error; the other rows are not read.
   ``donate``: the rows are written into the groups' coefficient buffers. Returns (groups,
   error)."""
-  held = np.asarray(next(iter(groups.values())).frame)[:rows]
-  lo = int(np.searchsorted(held, first))  # frames are non-decreasing over rows
+  frame = np.asarray(next(iter(groups.values())).frame)
+  lo = int(np.searchsorted(frame[:rows], first))  # frames are non-decreasing over rows
+  size = min(frame.shape[0], max(bucket(rows - lo), _MIN_FOLD))
   args = (tasks.error, jnp.asarray(rows), jnp.asarray(lo), jnp.asarray(first))
-  blocks, start, error = fidelity.fold_blocks(groups, *args, layout, size=bucket(rows - lo))
+  blocks, start, error = fidelity.fold_blocks(groups, *args, layout, size=size)
   out = {}
   for g, grp in groups.items():
     coef = write_rows(grp.coef, blocks[g], start, donate)
@@ -89,8 +91,9 @@ def merge_columns(
   donate: bool = False,
 ) -> Subspace:
   """Fold new tasks, given as factor columns ``{group: (x (m, L, d, p), ncols (m, L))}``, into the
-  bases; the new tasks open a frame, and every ``FRAMES - 1`` merges the stored tasks are
-  settled (``share_jax.frames``). Callers validate ids and shapes. ``donate``: the new rows are
+  bases; the new tasks open a frame, and when the frame slots run out the young frames are
+  folded into one, or every task settled (``share_jax.frames``). Callers validate ids and
+  shapes. ``donate``: the new rows are
   written into ``subspace``'s coefficient buffers (``merge.write_rows``), which are then gone;
   not under a strict ``max_task_error``, whose check may raise after the write."""
   config = config or subspace.config

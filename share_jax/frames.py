@@ -188,6 +188,8 @@ def fold_from(group: FactorGroup, rows: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _fold_fields(frame, maps, rows, first, *, k):
+  """Frame ids (T,) with held rows of frames >= ``first`` in ``first``, and maps (L, F, K, Kc)
+  with frame ``first``'s the identity."""
   held = jnp.arange(frame.shape[0]) < rows
   n, _, _, kc = maps.shape
   eye = jnp.broadcast_to(jnp.eye(k, kc, dtype=jnp.float32), (n, k, kc))
@@ -199,8 +201,7 @@ def fold_group(group: FactorGroup, coef: jax.Array, rows: int, first: int) -> Fa
   """The group with ``coef`` (L, Kc, T, P), where the held rows of frames >= ``first`` are in
   current coordinates (zero-padded to Kc), and those rows in one frame ``first`` that begins
   now: its map the identity, its basis the current one (a reference, or one padded copy)."""
-  n, _, k = group.basis.shape
-  kc = coef.shape[1]
+  k, kc = group.basis.shape[2], coef.shape[1]
   frame, maps = _fold_fields(group.frame, group.maps, jnp.asarray(rows), jnp.asarray(first), k=k)
   basis = group.basis if k == kc else jnp.pad(group.basis, ((0, 0), (0, 0), (0, kc - k)))
   bases = group.frame_basis[:first] + (basis,) * (FRAMES - first)

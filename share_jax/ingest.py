@@ -124,7 +124,7 @@ def init_subspace(
   tasks = as_tasks(loras, task_ids)
   layout = layout_from_params(params, tasks)
   check_tasks(layout, tasks)
-  return _merge(_empty_like(layout, config, task_capacity), tasks, config, donate=True)
+  return _merge(_empty_like(layout, config, task_capacity), tasks, config, donate=False)
 
 
 def absorb(
