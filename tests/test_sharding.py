@@ -17,7 +17,9 @@ import pytest
 import sharded_run
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
+from numpy_reference import Planted
 
+import share_jax as sj
 from share_jax import ShareError, _driver, merge, sharding, train
 
 DEVICES = 8
@@ -90,6 +92,22 @@ def test_sharded_absorb_equals_unsharded_without_collectives(mesh, monkeypatch):
   for g, grp in merged.groups.items():
     for name, leaf in sharded_run.fields(grp).items():
       np.testing.assert_allclose(leaf, want[f"merge/{g}/{name}"], 1e-5, 1e-5, err_msg=f"{g}/{name}")
+
+
+@pytest.mark.multidevice
+def test_donated_sharded_absorb_writes_in_place_and_keeps_the_layout(mesh):
+  pl = Planted(seed=7, shapes=sharded_run.SHAPES)
+  sub = sj.init_subspace(pl.params, pl.loras(3), k=4, task_capacity=8)  # room: no growth
+  new = pl.loras(2)
+  want = sj.absorb(sub, new, task_ids=["x", "y"])
+  placed = sharding.shard_subspace(sub, mesh)
+  merged = sj.absorb(placed, new, task_ids=["x", "y"], donate=True)
+  assert all(grp.coef.is_deleted() for grp in placed.groups.values())
+  assert merged.groups["d24"].coef.sharding.spec == P("data")
+  for g, grp in merged.groups.items():
+    ref = sharded_run.fields(want.groups[g])
+    for name, leaf in sharded_run.fields(grp).items():
+      np.testing.assert_allclose(leaf, ref[name], 1e-5, 1e-5, err_msg=f"{g}/{name}")
 
 
 @pytest.mark.multidevice

@@ -84,6 +84,21 @@ def test_training_then_finish_task_keeps_what_was_learned():
     assert rel_err(sj.task_params(params, merged, t)["dense"]["kernel"], old) < 1e-4
 
 
+def test_finish_task_in_place_equals_a_copy():
+  pl = Planted(seed=13)
+  sub = sj.init_subspace(pl.params, pl.loras(3), k=4, task_capacity=8)
+  state = sj.begin_task(sub, "new", rng=jax.random.key(0), p=2, phi=2)
+  state = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape), state)
+  copied = sj.finish_task(sub, state, "new")
+  donated = sj.finish_task(sub, state, "new", donate=True)
+  assert all(grp.coef.is_deleted() for grp in sub.groups.values())
+  chex.assert_trees_all_equal(
+    {g: grp.stored() for g, grp in copied.groups.items()},
+    {g: grp.stored() for g, grp in donated.groups.items()},
+  )
+  assert sj.task_errors(copied) == sj.task_errors(donated)
+
+
 def test_cold_start_trains_the_first_task_from_data():
   params, batch = regression_problem(seed=2)
   sub = sj.empty_subspace(params, r"kernel$", explained_variance=1.0, center=False)
