@@ -15,7 +15,15 @@ from share_jax import fidelity
 from share_jax._profiling import call_kernel, phase
 from share_jax.frames import fold_from, fold_group, next_frame
 from share_jax.merge import Rule, merge_group, write_rows
-from share_jax.subspace import FRAMES, FactorGroup, Subspace, SubspaceConfig, TaskTable, id_code
+from share_jax.subspace import (
+  FRAMES,
+  FactorGroup,
+  Subspace,
+  SubspaceConfig,
+  TaskTable,
+  id_code,
+  pad_to,
+)
 
 _MIN_K = 8
 _MIN_FOLD = 64  # rows a fold reads at least (capacity permitting): few window sizes to compile
@@ -51,9 +59,8 @@ def _open_frame(merged: FactorGroup, bases: tuple, frame: int) -> FactorGroup:
   none) and its new basis as frame ``frame``'s, all padded to the frame coordinates' width Kc
   when the merge widened them."""
   kc = merged.coef.shape[1]
-  pad = lambda b: jnp.pad(b, ((0, 0), (0, 0), (0, kc - b.shape[2]))) if b.shape[2] < kc else b  # noqa: E731
-  bases = [pad(b) for b in bases]
-  bases[frame] = pad(merged.basis)
+  bases = [pad_to(b, (2,), kc) for b in bases]
+  bases[frame] = pad_to(merged.basis, (2,), kc)
   return merged.replace(frame_basis=tuple(bases))
 
 

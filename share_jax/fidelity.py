@@ -40,6 +40,7 @@ from share_jax.subspace import (
   Subspace,
   concrete,
   mm,
+  pad_to,
 )
 
 _SLACK = 1e-5  # float32 round-off allowed over a threshold (relative error)
@@ -163,9 +164,8 @@ def fold_blocks(groups: dict, error, rows, lo, first, layout: Layout, size: int)
   r = s + jnp.arange(size)
   move = ((r >= lo) & (r < rows))[None, None, :, None]
   blocks = {}
-  for g, grp in view.items():
-    kc, k = grp.coef.shape[1], now[g].shape[1]
-    blocks[g] = jnp.where(move, jnp.pad(now[g], ((0, 0), (0, kc - k), (0, 0), (0, 0))), grp.coef)
+  for g, v in view.items():  # folded rows in current coordinates, the others as they were
+    blocks[g] = jnp.where(move, pad_to(now[g], (1,), v.coef.shape[1]), v.coef)
   return blocks, s, jax.lax.dynamic_update_slice_in_dim(error, cut(error, 0) + drift, s, 0)
 
 

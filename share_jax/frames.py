@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from share_jax.subspace import FRAMES, FactorGroup, first_frame, mm
+from share_jax.subspace import FRAMES, FactorGroup, first_frame, mm, pad_to
 
 _CHUNK = 256  # task rows per step at most
 _MIN_CHUNK = 64  # and at least (less at a smaller capacity)
@@ -203,8 +203,7 @@ def fold_group(group: FactorGroup, coef: jax.Array, rows: int, first: int) -> Fa
   now: its map the identity, its basis the current one (a reference, or one padded copy)."""
   k, kc = group.basis.shape[2], coef.shape[1]
   frame, maps = _fold_fields(group.frame, group.maps, jnp.asarray(rows), jnp.asarray(first), k=k)
-  basis = group.basis if k == kc else jnp.pad(group.basis, ((0, 0), (0, 0), (0, kc - k)))
-  bases = group.frame_basis[:first] + (basis,) * (FRAMES - first)
+  bases = group.frame_basis[:first] + (pad_to(group.basis, (2,), kc),) * (FRAMES - first)
   return group.replace(coef=coef, frame=frame, maps=maps, frame_basis=bases)
 
 

@@ -43,7 +43,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from share_jax.subspace import FactorGroup, mm
+from share_jax.subspace import FactorGroup, mm, pad_to
 
 _EPS32 = float(jnp.finfo(jnp.float32).eps)
 
@@ -198,12 +198,6 @@ def _task_outputs(w, keep, scale, k_out: int):
   return new, task_grams(w * keep[:, None, None]), task_grams(w * (1.0 - keep)[:, None, None])
 
 
-def _pad_k(x: jax.Array, axes: tuple[int, ...], k_out: int) -> jax.Array:
-  """``x`` zero-padded to ``k_out`` along ``axes`` (no copy when it is that size)."""
-  pads = [(0, k_out - x.shape[a] if a in axes else 0) for a in range(x.ndim)]
-  return jnp.pad(x, pads) if any(p for _, p in pads) else x
-
-
 def _merge_one(
   basis,
   scatter,
@@ -258,7 +252,7 @@ def _merge_one(
   step = v_k[:k_in].T
   new_coef, kept_gram, res = _task_outputs(w_new, keep, scale, k_out)
   kc = max(coef.shape[0], k_out)  # frame coordinates never shrink
-  maps = _pad_k(mm("kj,fji->fki", step, maps), (2,), kc).at[frame].set(jnp.eye(k_out, kc))
+  maps = pad_to(mm("kj,fji->fki", step, maps), (2,), kc).at[frame].set(jnp.eye(k_out, kc))
   coef_sum = mm("kj,j->k", step, coef_sum) + jnp.sum(new_coef, axis=(1, 2))
   proj = mm("nk,nc->ck", v_k, f)  # (c, K): S Sᵀ = projᵀ proj
   proj = jnp.pad(proj, ((0, max(k_out - proj.shape[0], 0)), (0, 0)))
@@ -266,7 +260,7 @@ def _merge_one(
   total = jnp.sum(kept_g)
   energy = jnp.where(total > 0, jnp.sum(kept_g * keep) / jnp.where(total > 0, total, 1.0), 1.0)
   lost = lost + jnp.sum(energies * (1.0 - keep))  # ‖F‖² = ‖S_new‖² + what this merge drops
-  out = (new_basis, k_sel, _pad_k(new_coef, (0,), kc), new_scatter, energy, lost, coef_sum, maps)
+  out = (new_basis, k_sel, pad_to(new_coef, (0,), kc), new_scatter, energy, lost, coef_sum, maps)
   return out, want, res, kept_gram
 
 
@@ -333,7 +327,7 @@ def merge_group(
 
 
 def _put_rows(coef: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
-  return jax.lax.dynamic_update_slice_in_dim(_pad_k(coef, (1,), rows.shape[1]), rows, start, 2)
+  return jax.lax.dynamic_update_slice_in_dim(pad_to(coef, (1,), rows.shape[1]), rows, start, 2)
 
 
 _put = jax.jit(_put_rows)

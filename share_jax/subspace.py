@@ -309,6 +309,12 @@ def mm(spec: str, *args: jax.Array) -> jax.Array:
   return jnp.einsum(spec, *args, precision=jax.lax.Precision.HIGHEST)
 
 
+def pad_to(x: jax.Array, axes: tuple[int, ...], size: int) -> jax.Array:
+  """``x`` zero-padded to ``size`` along ``axes`` (no copy when it is that size)."""
+  pads = [(0, size - x.shape[a] if a in axes else 0) for a in range(x.ndim)]
+  return jnp.pad(x, pads) if any(p for _, p in pads) else x
+
+
 # ----------------------------------------------------------------------------- task ids as arrays
 
 _EMPTY = -1
