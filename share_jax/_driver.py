@@ -64,14 +64,14 @@ def _open_frame(merged: FactorGroup, bases: tuple, frame: int) -> FactorGroup:
   return merged.replace(frame_basis=tuple(bases))
 
 
-def _fold(groups: dict, tasks: TaskTable, layout, rows: int, first: int, donate: bool):
-  """Frames >= ``first`` folded into one (``frames.fold_from``): their rows are re-expressed in
-  current coordinates and their drift added to their error; the other rows are not read.
-  ``donate``: the rows are written into the groups' coefficient buffers. Returns (groups,
-  error)."""
-  frame = np.asarray(next(iter(groups.values())).frame)
-  lo = int(np.searchsorted(frame[:rows], first))  # frames are non-decreasing over rows
-  size = min(frame.shape[0], max(bucket(rows - lo), _MIN_FOLD))
+def _fold(groups: dict, tasks: TaskTable, layout, held: np.ndarray, first: int, donate: bool):
+  """Frames >= ``first`` folded into one (``frames.fold_from``; ``held`` the held rows' frames,
+  host side): their rows are re-expressed in current coordinates and their drift added to their
+  error; the other rows are not read. ``donate``: the rows are written into the groups'
+  coefficient buffers. Returns (groups, error)."""
+  rows = held.size
+  lo = int(np.searchsorted(held, first))  # frames are non-decreasing over rows
+  size = min(tasks.error.shape[0], max(bucket(rows - lo), _MIN_FOLD))
   args = (tasks.error, jnp.asarray(rows), jnp.asarray(lo), jnp.asarray(first))
   blocks, start, error = fidelity.fold_blocks(groups, *args, layout, size=size)
   out = {}
@@ -100,9 +100,9 @@ def merge_columns(
   """Fold new tasks, given as factor columns ``{group: (x (m, L, d, p), ncols (m, L))}``, into the
   bases; the new tasks open a frame, and when the frame slots run out the young frames are
   folded into one, or every task settled (``share_jax.frames``). Callers validate ids and
-  shapes. ``donate``: the new rows are
-  written into ``subspace``'s coefficient buffers (``merge.write_rows``), which are then gone;
-  not under a strict ``max_task_error``, whose check may raise after the write."""
+  shapes. ``donate``: the new rows are written into ``subspace``'s coefficient buffers
+  (``merge.write_rows``), which are then gone; not under a strict ``max_task_error``, whose
+  check may raise after the write."""
   config = config or subspace.config
   layout = subspace.layout
   t0, m = subspace.num_tasks, len(task_ids)
@@ -126,14 +126,15 @@ def merge_columns(
   kind, value = config.rule
   in_place = donate and not (config.strict and config.max_task_error is not None)
   own = in_place or (t_cap, p_cap) != (t_cur, p_cur)  # the coefficient buffers are ours to reuse
-  frame = next_frame(next(iter(grown.values())), t0)
-  first = fold_from(next(iter(grown.values())), t0) if t0 and frame >= FRAMES else None
+  held = np.asarray(next(iter(grown.values())).frame)[:t0]  # every group has the same frames
+  frame = next_frame(held)
+  first = fold_from(held) if frame >= FRAMES else None
   if t0 and (kind == "max_task_error" or first == 0):
     settled, error = fidelity.settle_groups(grown, tasks, layout, t0)
     own = own or any(settled[g].coef is not grown[g].coef for g in grown)  # not relabelled
     grown, tasks, frame = settled, tasks.replace(error=error), 1  # all held tasks in frame 0
   elif first:  # the frame slots are full: fold the young frames into one
-    grown, error = _fold(grown, tasks, layout, t0, first, own)
+    grown, error = _fold(grown, tasks, layout, held, first, own)
     tasks, frame, own = tasks.replace(error=error), first + 1, True
   partner, beta = {g: None for g in grown}, None
   if kind == "max_task_error":  # the only rule that reads every task's Grams before merging

@@ -173,13 +173,14 @@ def drift_grams(
   return over_frames(fn, group, rows, out, axes, first)
 
 
-def fold_from(group: FactorGroup, rows: int) -> int:
-  """The oldest frame a fold takes when the frame slots are full (host int, >= 0): the two
+def fold_from(held: np.ndarray) -> int:
+  """The oldest frame a fold takes when the frame slots are full, from the held rows' frames
+  ``held`` (a host array; returns a host int >= 0): the two
   newest frames, and each older one while it holds no more rows than all the younger ones
   together. Sizes then grow geometrically with age, as in a log-structured merge, so a task
   is re-expressed O(log T) times over a run of single absorbs, not at every settle; 0 means
   the young frames outweigh frame 0, and everything settles."""
-  counts = np.bincount(np.asarray(group.frame)[:rows], minlength=FRAMES)
+  counts = np.bincount(held, minlength=FRAMES)
   first = FRAMES - 2
   while first > 0 and counts[first - 1] <= counts[first:].sum():
     first -= 1
@@ -207,6 +208,7 @@ def fold_group(group: FactorGroup, coef: jax.Array, rows: int, first: int) -> Fa
   return group.replace(coef=coef, frame=frame, maps=maps, frame_basis=bases)
 
 
-def next_frame(group: FactorGroup, rows: int) -> int:
-  """The frame a merge's new tasks open: one after the newest held task's (host int)."""
-  return int(np.max(np.asarray(group.frame)[:rows])) + 1 if rows else 0
+def next_frame(held: np.ndarray) -> int:
+  """The frame a merge's new tasks open, from the held rows' frames ``held`` (a host array): one
+  after the newest."""
+  return int(held.max()) + 1 if held.size else 0

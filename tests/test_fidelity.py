@@ -96,7 +96,7 @@ def test_young_frames_fold_alone_and_read_like_a_full_settle(monkeypatch):
   assert newest == [*range(FRAMES), 2, 3, 4]  # frames 1…7 folded into 1 at the 8th absorb
   frame = np.asarray(next(iter(folded.groups.values())).frame[: folded.num_tasks])
   assert frame.tolist() == [0] * 9 + [1] * (FRAMES - 1) + [2, 3, 4]
-  monkeypatch.setattr(_driver, "fold_from", lambda group, rows: 0)  # settle everything instead
+  monkeypatch.setattr(_driver, "fold_from", lambda held: 0)  # settle everything instead
   settled, _ = _run(batches, 8)
   reported, truth, loose = (
     sj.task_errors(folded),
